@@ -1,0 +1,64 @@
+"""The one place where exceptions become HTTP responses.
+
+Domain errors keep their message (written for clients). Anything else is a 500
+that shows only the request id; the log has the traceback under the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from .encoding import dumps
+from .errors import FxServeError
+
+__all__ = ["error_response", "install_error_handlers"]
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def error_response(status: int, code: str, message: str, request_id: str | None, headers: dict[str, str] | None = None) -> Response:
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return Response(dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+async def _handle_domain_error(request: Request, exc: FxServeError) -> Response:
+    if exc.status_code >= 500:
+        logger.warning("request %s failed with %d: %s", _request_id(request), exc.status_code, exc.message)
+    return error_response(exc.status_code, exc.code, exc.message, _request_id(request), exc.headers)
+
+
+async def _handle_validation_error(request: Request, exc: RequestValidationError) -> Response:
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{location}: {error.get('msg')} (received {error.get('input')!r})")
+    return error_response(422, "invalid_parameter", "; ".join(problems), _request_id(request))
+
+
+async def _handle_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), _request_id(request), getattr(exc, "headers", None))
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    request_id = _request_id(request)
+    logger.error("request %s failed: %s %s", request_id, request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", f"internal server error; report request id {request_id}", request_id)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(FxServeError, _handle_domain_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http_error)
+    app.add_exception_handler(Exception, _handle_unexpected)

@@ -1,0 +1,46 @@
+"""A uvicorn server with a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import FrameType
+
+import uvicorn
+
+from .engine import Engine
+
+__all__ = ["DrainingServer"]
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM or SIGINT drains instead of closing at once.
+
+    Readiness turns off immediately. After ``shutdown_delay_s`` (time for load
+    balancers to stop sending traffic) uvicorn closes the listener and waits for the
+    requests in flight; then the app's lifespan finishes every queued image. A second
+    signal falls back to uvicorn's own handling, which exits sooner.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        delay_s = self.engine.settings.shutdown_delay_s
+        logger.info("received signal %d: readiness is off; the listener closes in %.1f s", sig, delay_s)
+        self.engine.begin_drain()
+        timer = threading.Timer(delay_s, self.stop_now)
+        timer.daemon = True
+        timer.start()
+
+    def stop_now(self) -> None:
+        """Ask uvicorn to stop; safe to call from any thread."""
+        self.should_exit = True
