@@ -515,6 +515,19 @@ def test_dockerfile_prefetches_weights() -> None:
     assert "TORCH_HOME=/opt/fxserve/torch" in env_lines, "the server must read weights from where the build put them"
 
 
+def test_dockerfile_torch_matches_makefile() -> None:
+    # The image should run the torch release that `make test` installs and tests.
+    build_args = dict(
+        arguments.split("=", 1) for keyword, arguments in dockerfile_instructions() if keyword == "ARG" and "=" in arguments
+    )
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    match = re.search(r"^TORCH_SPEC \?= (.+)$", makefile, re.MULTILINE)
+    assert match, "Makefile has no TORCH_SPEC line"
+    spec = match.group(1).split()
+    assert f"torch=={build_args['TORCH_VERSION']}" in spec
+    assert f"torchvision=={build_args['TORCHVISION_VERSION']}" in spec
+
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = venv_tool("hadolint")
     if hadolint is None:
