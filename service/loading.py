@@ -206,7 +206,15 @@ def _load_checkpoint(name: str, module: nn.Module, path: Path) -> None:
     state_dict = _unwrap_state_dict(loaded)
     if state_dict is None:
         raise ConfigError(name, "weights", f"checkpoint {path} holds {type(loaded).__name__}, not a state dict")
-    result = module.load_state_dict(_strip_prefixes(state_dict, module), strict=False)
+    try:
+        result = module.load_state_dict(_strip_prefixes(state_dict, module), strict=False)
+    except RuntimeError as exc:  # strict=False still raises on tensors of the wrong shape
+        # Drop torch's "Error(s) in loading state_dict" header and join its per-tensor lines.
+        mismatches = " ".join(line.strip() for line in str(exc).splitlines()[1:]).rstrip(".")
+        raise CheckpointMismatchError(
+            name, "weights", f"checkpoint {path} does not fit {type(module).__name__}: {mismatches or exc}",
+            "Check that architecture (and kwargs such as num_classes) match the checkpoint",
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointMismatchError(
             name, "weights",
