@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -65,13 +65,25 @@ class TracerConfig(_Strict):
     concrete_args: dict[str, Any] | None = None
 
 
+def _preprocess_kind(value: Any) -> str:
+    return "preset" if isinstance(value, str) else "mapping"
+
+
+# The input's type picks the branch, so a bad mapping reports its own error and not
+# also "Input should be 'weights'" from the string branch.
+_PreprocessField = Annotated[
+    Annotated[Literal["weights"], Tag("preset")] | Annotated[PreprocessConfig, Tag("mapping")],
+    Discriminator(_preprocess_kind),
+]
+
+
 class ModelConfig(_Strict):
     architecture: str
     weights: str | None
     layers: dict[str, str]
     default_layers: list[str] | None = None
     embed_layer: str | None = None
-    preprocess: Literal["weights"] | PreprocessConfig = "weights"
+    preprocess: _PreprocessField = "weights"
     device: str = "auto"
     dtype: DType = "float32"
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -165,6 +177,8 @@ def parse_config(raw: dict[str, Any]) -> ServiceConfig:
 def _to_config_error(exc: ValidationError) -> ConfigError:
     first = exc.errors()[0]
     location = [str(part) for part in first["loc"]]
+    if location[2:3] == ["preprocess"] and location[3:4] in (["preset"], ["mapping"]):
+        del location[3]  # the union's branch tag is no field a user can write
     model = location[1] if len(location) > 1 and location[0] == "models" else None
     field = ".".join(location[2:]) or None
     problem = first["msg"]
