@@ -203,7 +203,10 @@ class Engine:
         self.decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers, thread_name_prefix="fxserve-decode")
         self._state_lock = threading.Lock()
         for name in config.models:
+            # Export every per-model series from the start: an autoscaler reads a
+            # missing queue depth as "unknown" and does not scale.
             metrics.model_ready.labels(model=name).set(0)
+            metrics.queue_depth.labels(model=name).set(0)
 
     # --- lifecycle -------------------------------------------------------
 
