@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, closest
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -180,13 +180,29 @@ def _to_config_error(exc: ValidationError) -> ConfigError:
     if location[2:3] == ["preprocess"] and location[3:4] in (["preset"], ["mapping"]):
         del location[3]  # the union's branch tag is no field a user can write
     model = location[1] if len(location) > 1 and location[0] == "models" else None
-    field = ".".join(location[2:]) or None
-    problem = first["msg"]
+    field = ".".join(location[2:] if model is not None else location) or None
+    problem = first["msg"].removeprefix("Value error, ")
+    fixes = []
     if first["type"] == "missing":
         problem = "this field is required"
     elif first["type"] == "extra_forbidden":
         problem = "unknown field"
-    fix = ""
+        fixes.append(_valid_fields_hint(location))
     if len(exc.errors()) > 1:
-        fix = f"{len(exc.errors()) - 1} more problem(s) follow once this one is fixed"
-    return ConfigError(model, field, problem, fix)
+        fixes.append(f"{len(exc.errors()) - 1} more problem(s) follow once this one is fixed")
+    return ConfigError(model, field, problem, ". ".join(fixes))
+
+
+def _valid_fields_hint(location: list[str]) -> str:
+    """Suggest the closest valid name for the unknown field at ``location`` and list them all."""
+    nested: dict[str, type[BaseModel]] = {"preprocess": PreprocessConfig, "tracer": TracerConfig}
+    if location[0] != "models" or len(location) < 3:
+        schema: type[BaseModel] = ServiceConfig
+    elif len(location) == 4 and location[2] in nested:
+        schema = nested[location[2]]
+    else:
+        schema = ModelConfig
+    valid = list(schema.model_fields)
+    suggestions = closest(location[-1], valid, limit=1)
+    hint = f"Did you mean '{suggestions[0]}'? " if suggestions else ""
+    return f"{hint}Valid fields: {', '.join(valid)}"
