@@ -83,7 +83,12 @@ def create_app(engine: Engine, *, on_fatal: Callable[[], None] | None = None, ap
     )
     app.state.engine = engine
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=engine.settings.max_body_bytes, read_timeout_s=engine.settings.body_read_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=engine.settings.max_body_bytes,
+        read_timeout_s=engine.settings.body_read_timeout_s,
+        total_timeout_s=engine.settings.request_timeout_s,
+    )
     app.add_middleware(AuthMiddleware, api_keys=api_keys or [])
     app.add_middleware(ObservabilityMiddleware, metrics=engine.metrics, model_names=list(engine.config.models))
     _add_routes(app, engine)
@@ -175,8 +180,11 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.get("/readyz", summary="Readiness: 200 only when every model is loaded and the service is not draining.")
     async def readyz() -> Response:
+        status = "ready" if engine.is_ready() else "not_ready"
+        if engine.is_ready() and engine.failed:
+            status = "degraded"
         body = {
-            "status": "ready" if engine.is_ready() else "not_ready",
+            "status": status,
             "state": engine.state,
             "models": {name: _model_status(engine, name) for name in engine.config.models},
         }
@@ -217,13 +225,15 @@ def _split_layers(layers: str | None) -> list[str] | None:
 
 
 async def _run(request: Request, engine: Engine, runtime, spec) -> ExtractOutcome:
-    images = await read_images(request)
-    ticket = RequestTicket(deadline=time.monotonic() + _timeout_s(request, engine.settings.request_timeout_s))
-    watcher = asyncio.create_task(_watch_disconnect(request, ticket))
-    try:
-        return await engine.run(runtime, images, spec, ticket)
-    finally:
-        watcher.cancel()
+    deadline = time.monotonic() + _timeout_s(request, engine.settings.request_timeout_s)
+    with engine.admit(runtime):
+        images = await read_images(request)
+        ticket = RequestTicket(deadline=deadline)
+        watcher = asyncio.create_task(_watch_disconnect(request, ticket))
+        try:
+            return await engine.run(runtime, images, spec, ticket)
+        finally:
+            watcher.cancel()
 
 
 def _timeout_s(request: Request, default_s: float) -> float:

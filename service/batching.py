@@ -118,6 +118,7 @@ class Batcher:
         self._busy_since: float | None = None
         self._recent_forward_s = 0.0
         self._batch_count = 0
+        self._reserved = 0
         self._thread = threading.Thread(target=self._work, name=f"fxserve-worker-{model_name}", daemon=True)
 
     # --- event-loop side -------------------------------------------------
@@ -125,21 +126,37 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, images: Sequence[torch.Tensor], spec: OutputSpec, ticket: RequestTicket) -> list[asyncio.Future[ItemResult]]:
-        """Queue one request's images; raise OverloadedError at once when the queue is full."""
-        loop = asyncio.get_running_loop()
-        items = [WorkItem(image, spec, ticket, loop.create_future(), loop) for image in images]
+    def reserve(self, count: int) -> None:
+        """Hold ``count`` queue places before decoding; raise OverloadedError when they do not fit.
+
+        Reserving first means a full queue rejects a request before any image is
+        decoded. Every reservation ends in ``submit`` or ``release``.
+        """
         with self._condition:
             if not self._accepting:
                 raise NotReadyError(f"model '{self.model_name}' is shutting down and takes no new requests; retry on another replica")
-            if len(self._queue) + len(items) > self.max_queue:
+            waiting = len(self._queue) + self._reserved
+            if waiting + count > self.max_queue:
                 self.metrics.rejected.labels(model=self.model_name, reason="queue_full").inc()
                 retry_after = self.estimate_retry_after_s()
                 raise OverloadedError(
-                    f"model '{self.model_name}' has {len(self._queue)} images queued and takes at most {self.max_queue} "
-                    f"(max_queue); {len(items)} more do not fit. Retry after {retry_after} s",
+                    f"model '{self.model_name}' has {waiting} images queued or decoding and takes at most {self.max_queue} "
+                    f"(max_queue); {count} more do not fit. Retry after {retry_after} s",
                     headers={"Retry-After": str(retry_after)},
                 )
+            self._reserved += count
+
+    def release(self, count: int) -> None:
+        """Give back places reserved for images that will not be submitted."""
+        with self._condition:
+            self._reserved -= count
+
+    def submit(self, images: Sequence[torch.Tensor], spec: OutputSpec, ticket: RequestTicket) -> list[asyncio.Future[ItemResult]]:
+        """Queue one request's images into places held by ``reserve``; return one future per image."""
+        loop = asyncio.get_running_loop()
+        items = [WorkItem(image, spec, ticket, loop.create_future(), loop) for image in images]
+        with self._condition:
+            self._reserved -= len(items)
             self._queue.extend(items)
             self.metrics.queue_depth.labels(model=self.model_name).set(len(self._queue))
             self._condition.notify()
@@ -152,6 +169,10 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self._queue) + self._reserved < self.max_queue
 
     def is_healthy(self) -> bool:
         """True while the worker thread lives and no batch has run past the stall timeout."""

@@ -13,7 +13,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 
 from .batching import Batcher, ItemResult, OutputSpec, RequestTicket
 from .config import ModelConfig, ServiceConfig
-from .errors import ConfigError, DeadlineExceededError, FxServeError, InvalidParameterError, ModelNotFoundError, NotReadyError, PayloadTooLargeError
+from .errors import ConfigError, DeadlineExceededError, FxServeError, InvalidParameterError, ModelNotFoundError, NotReadyError, OverloadedError, PayloadTooLargeError
 from .extractors import ExtractorSet, LayerInfo
 from .loading import LoadedModel, load_model
 from .metrics import Metrics
@@ -202,6 +204,7 @@ class Engine:
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers, thread_name_prefix="fxserve-decode")
         self._state_lock = threading.Lock()
+        self._in_flight = 0  # changed on the event loop only
         for name in config.models:
             # Export every per-model series from the start: an autoscaler reads a
             # missing queue depth as "unknown" and does not scale.
@@ -277,7 +280,29 @@ class Engine:
         logger.info("stopped")
 
     def is_ready(self) -> bool:
-        return self.state == "ready" and not self.failed
+        """True in state ready; failed models (only possible with allow_failed_models) are listed, not blocking."""
+        return self.state == "ready"
+
+    @contextmanager
+    def admit(self, runtime: ModelRuntime) -> Iterator[None]:
+        """Count a request in flight; raise OverloadedError at once past the limit or with a full queue.
+
+        Called before the body is read, so rejected requests cost no upload or decode.
+        """
+        if self._in_flight >= self.settings.max_concurrent_requests or not runtime.batcher.has_room:
+            self.metrics.rejected.labels(model=runtime.name, reason="overloaded").inc()
+            retry_after = runtime.batcher.estimate_retry_after_s()
+            raise OverloadedError(
+                f"the service has {self._in_flight} requests in flight (FXSERVE_MAX_CONCURRENT_REQUESTS={self.settings.max_concurrent_requests}) "
+                f"and model '{runtime.name}' has {runtime.batcher.queue_depth} images queued (max_queue={runtime.config.max_queue}); "
+                f"retry after {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
 
     def unhealthy_workers(self) -> list[str]:
         unhealthy = [name for name, runtime in self.runtimes.items() if not runtime.batcher.is_healthy()]
@@ -314,9 +339,14 @@ class Engine:
     async def run(self, runtime: ModelRuntime, images: list[ImageInput], spec: OutputSpec, ticket: RequestTicket) -> ExtractOutcome:
         """Decode, queue and await one request's images; results keep the input order."""
         self._check_admission(runtime, images, spec)
-        decode_started = time.monotonic()
-        tensors = await self._decode_all(runtime, images)
-        decode_s = time.monotonic() - decode_started
+        runtime.batcher.reserve(len(images))
+        try:
+            decode_started = time.monotonic()
+            tensors = await self._decode_all(runtime, images)
+            decode_s = time.monotonic() - decode_started
+        except BaseException:
+            runtime.batcher.release(len(images))
+            raise
 
         ticket.enqueued_at = time.monotonic()
         futures = runtime.batcher.submit(tensors, spec, ticket)

@@ -132,15 +132,16 @@ class BodyLimitMiddleware:
     """Reject bodies over ``max_body_bytes`` while reading, and uploads that stall.
 
     A declared Content-Length over the limit is rejected before any byte is read.
-    Each receive of a body chunk must arrive within ``read_timeout_s``; once the
-    body is complete, receive passes through untimed so the app can wait for the
-    client's disconnect.
+    Each body chunk must arrive within ``read_timeout_s`` and the whole body within
+    ``total_timeout_s``. Once the body is complete, receive is no longer timed,
+    because the app then waits on it for the client's disconnect.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, read_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, read_timeout_s: float, total_timeout_s: float) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.read_timeout_s = read_timeout_s
+        self.total_timeout_s = total_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -155,15 +156,22 @@ class BodyLimitMiddleware:
 
         received = 0
         body_complete = False
+        body_deadline = time.monotonic() + self.total_timeout_s
 
         async def limited_receive() -> Message:
             nonlocal received, body_complete
             if body_complete:
                 return await receive()
+            remaining_s = body_deadline - time.monotonic()
+            timeout_s = min(self.read_timeout_s, remaining_s)
             try:
-                message = await asyncio.wait_for(receive(), timeout=self.read_timeout_s)
+                message = await asyncio.wait_for(receive(), timeout=max(timeout_s, 0.001))
             except TimeoutError:
-                raise RequestTimeoutError(f"the request body did not arrive within {self.read_timeout_s} s (FXSERVE_BODY_READ_TIMEOUT_S)") from None
+                if timeout_s < self.read_timeout_s:
+                    reason = f"the request body took longer than {self.total_timeout_s} s to upload (FXSERVE_REQUEST_TIMEOUT_S)"
+                else:
+                    reason = f"the client sent no body data for {self.read_timeout_s} s (FXSERVE_BODY_READ_TIMEOUT_S)"
+                raise RequestTimeoutError(reason) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:

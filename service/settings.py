@@ -32,6 +32,7 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_body_bytes: int = 200 * 1024 * 1024
     max_response_bytes: int = 512 * 1024 * 1024
+    max_concurrent_requests: int = 256
     body_read_timeout_s: float = 30.0
     request_timeout_s: float = 60.0
 
