@@ -33,8 +33,8 @@ def _request_id(request: Request) -> str | None:
 
 
 async def _handle_domain_error(request: Request, exc: FxServeError) -> Response:
-    if exc.status_code >= 500:
-        logger.warning("request %s failed with %d: %s", _request_id(request), exc.status_code, exc.message)
+    level = logging.WARNING if exc.status_code >= 500 else logging.INFO
+    logger.log(level, "request %s rejected with %d %s: %s", _request_id(request), exc.status_code, exc.code, exc.message)
     return error_response(exc.status_code, exc.code, exc.message, _request_id(request), exc.headers)
 
 

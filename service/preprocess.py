@@ -25,6 +25,9 @@ __all__ = ["ImageLimits", "Preprocessor", "decode_image", "preprocessor_from_con
 
 # A truncated file must fail instead of decoding as a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# decode_image compares width x height with FXSERVE_MAX_IMAGE_PIXELS before any
+# pixel is decoded, so Pillow's own, coarser bomb check would only hide the size.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import numpy as np
 from PIL import Image, ImageOps
 from torchvision import transforms as T
+from torchvision.models import ResNet18_Weights
 from torchvision.models.feature_extraction import create_feature_extractor
 
 RESNET18_SEED = 1234
@@ -45,3 +47,18 @@ def extract(model: torch.nn.Module, nodes: list[str], batch: torch.Tensor) -> di
 
 def preprocess_all(transform, images: list[Image.Image]) -> torch.Tensor:
     return torch.stack([transform(image) for image in images])
+
+
+# Public layer names of the test config's resnet18 and the nodes they read.
+RESNET_NODES = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4", "pooled": "flatten"}
+
+
+def resnet_reference(model, paths, layers):
+    batch = preprocess_all(ResNet18_Weights.IMAGENET1K_V1.transforms(), [open_rgb(p) for p in paths])
+    outputs = extract(model, [RESNET_NODES[layer] for layer in layers], batch)
+    return {layer: outputs[RESNET_NODES[layer]].numpy() for layer in layers}
+
+
+def assert_same(served: np.ndarray, expected: np.ndarray) -> None:
+    assert served.shape == expected.shape
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)

@@ -8,25 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.models import ResNet18_Weights
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 
 from .conftest import as_array, multipart
-from .reference import MOBILENET_PREPROCESS, extract, mapping_transform, open_rgb, preprocess_all
-
-RESNET_NODES = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4", "pooled": "flatten"}
-
-
-def resnet_reference(model, paths, layers):
-    batch = preprocess_all(ResNet18_Weights.IMAGENET1K_V1.transforms(), [open_rgb(p) for p in paths])
-    outputs = extract(model, [RESNET_NODES[layer] for layer in layers], batch)
-    return {layer: outputs[RESNET_NODES[layer]].numpy() for layer in layers}
-
-
-def assert_same(served: np.ndarray, expected: np.ndarray) -> None:
-    assert served.shape == expected.shape
-    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
-
+from .reference import MOBILENET_PREPROCESS, assert_same, extract, mapping_transform, open_rgb, preprocess_all, resnet_reference
 
 def test_extract_multipart_matches_torchvision(client, photos, reference_resnet18):
     paths = [photos["astronaut.jpg"], photos["chelsea.png"], photos["coffee.jpg"]]

@@ -12,10 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torchvision.models import ResNet18_Weights
 
 from .conftest import as_array, multipart
-from .reference import MOBILENET_PREPROCESS, extract, mapping_transform, open_rgb, preprocess_all
-
-RESNET_NODES = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4", "pooled": "flatten"}
-
+from .reference import MOBILENET_PREPROCESS, RESNET_NODES, extract, mapping_transform, open_rgb, preprocess_all
 
 def histogram_sums(metrics_text: str, name: str, model: str) -> tuple[float, float]:
     """Return (sum, count) of a histogram's samples for one model."""

@@ -13,7 +13,7 @@ from torchvision.models import ResNet18_Weights
 
 from .conftest import as_array, multipart
 from .reference import extract, preprocess_all
-from .test_api_extract import RESNET_NODES
+from .reference import RESNET_NODES
 
 LAYERS = ("layer4", "pooled")
 LAYER_SHAPES = {"layer4": (512, 7, 7), "pooled": (512,)}
