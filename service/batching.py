@@ -243,6 +243,7 @@ class Batcher:
         live = []
         for item in items:
             if item.ticket.cancelled:
+                self.metrics.rejected.labels(model=self.model_name, reason="client_disconnected").inc()
                 item.fail(ClientDisconnectedError("the client closed the connection"))
             elif now > item.ticket.deadline:
                 self.metrics.rejected.labels(model=self.model_name, reason="deadline").inc()

@@ -210,6 +210,7 @@ class Engine:
             # missing queue depth as "unknown" and does not scale.
             metrics.model_ready.labels(model=name).set(0)
             metrics.queue_depth.labels(model=name).set(0)
+            metrics.images.labels(model=name)
 
     # --- lifecycle -------------------------------------------------------
 

@@ -57,8 +57,12 @@ class FaultyResNet(nn.Module):
         return self.net(self.guard(x))
 
 
-def faulty_resnet18(max_batch: int = 2, hang_s: float = 3.0, delay_s: float = 0.0) -> FaultyResNet:
-    """Build the model with random weights seeded by the service (``weights: null``)."""
+def faulty_resnet18(max_batch: int = 2, hang_s: float = 3.0, delay_s: float = 0.0, build_delay_s: float = 0.0) -> FaultyResNet:
+    """Build the model with random weights seeded by the service (``weights: null``).
+
+    ``build_delay_s`` makes the build itself slow, to observe the loading state.
+    """
+    time.sleep(build_delay_s)
     return FaultyResNet(max_batch, hang_s, delay_s)
 
 
