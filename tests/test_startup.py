@@ -42,7 +42,7 @@ def wait_listening(base_url: str, timeout_s: float = 60.0) -> None:
 
 def test_startup_readyz_503_while_loading(tmp_path):
     config = {"models": {"slow": faulty_config(build_delay_s=4.0)}}
-    server = ServerProcess(config, tmp_path, name="slow").start()
+    server = ServerProcess(config, tmp_path, env={"FXSERVE_SHUTDOWN_DELAY_S": "0.2"}, name="slow").start()
     try:
         wait_listening(server.base_url)
         readyz = httpx.get(f"{server.base_url}/readyz")
@@ -69,7 +69,7 @@ def test_startup_readyz_503_while_loading(tmp_path):
 def stalled_server(tmp_path):
     # A black image makes the worker sleep 3 s, so later requests wait in the queue.
     config = {"models": {"faulty": faulty_config(hang_s=3.0)}}
-    server = ServerProcess(config, tmp_path, name="stall").start().wait_ready()
+    server = ServerProcess(config, tmp_path, env={"FXSERVE_SHUTDOWN_DELAY_S": "0.2"}, name="stall").start().wait_ready()
     yield server
     server.stop()
 
