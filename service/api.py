@@ -1,7 +1,7 @@
 """HTTP layer: parse the request, call the engine, shape the response.
 
 ``create_app`` wires an ``Engine`` into a FastAPI app. Model loading starts in the
-lifespan, in a thread, so the liveness probe answers while models load.
+lifespan, in a thread, so the liveness probe responds while models load.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
             "normalize": spec.normalize,
             "results": [{layer: encode_array(array, encoding) for layer, array in result.items()} for result in outcome.results],
         }
-        body = await _encode(dumps, payload, size=_element_count(outcome) if encoding == "json" else 0)
+        body = await _encode(dumps, payload, size=_element_count(outcome))
         return _timed(Response(body, media_type="application/json"), outcome, request)
 
     @app.post("/embed", openapi_extra={"requestBody": _IMAGES_REQUEST_BODY}, summary="Return one average-pooled, L2-normalised vector per image.")
@@ -279,7 +279,7 @@ def _unsupported_media_type(media_type: str) -> FxServeError:
 
 
 async def _read_multipart(request: Request) -> list[ImageInput]:
-    limit = engine_limit(request)
+    limit = request.app.state.engine.settings.max_images_per_request
     try:
         form = await request.form(max_files=limit + 1, max_fields=limit + 16)
     except FxServeError:
@@ -299,10 +299,6 @@ async def _read_multipart(request: Request) -> list[ImageInput]:
     finally:
         await form.close()
     return images
-
-
-def engine_limit(request: Request) -> int:
-    return request.app.state.engine.settings.max_images_per_request
 
 
 def _read_json(body: bytes) -> list[ImageInput]:

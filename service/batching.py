@@ -2,9 +2,10 @@
 
 Requests put one ``WorkItem`` per image into the queue from the event loop. The
 worker takes up to ``max_batch_size`` items, waiting at most ``max_wait_ms`` after
-the oldest one arrived, runs one forward pass pruned to the union of the layers the
-items ask for, finishes each item's outputs on the device (pool, normalise, cast),
-copies them to the host and resolves each item's asyncio future on its loop.
+the oldest one arrived. It runs one forward pass pruned to the union of the layers
+the items request, and finishes each item's outputs on the device (pool, normalise,
+cast). Then it copies them to the host and resolves each item's asyncio future on
+the item's event loop.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ BatchRunner = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """What a request wants from each of its images."""
+    """Outputs a request expects from each of its images."""
 
     layers: tuple[str, ...]
     pool: str = "none"

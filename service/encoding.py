@@ -40,7 +40,7 @@ def encode_array(array: np.ndarray, encoding: str) -> dict[str, Any]:
 
 
 def safetensors_key(index: int, layer: str) -> str:
-    """Key of one image's layer in a safetensors answer: ``"<image index>/<layer>"``."""
+    """Key of one image's layer in a safetensors response: ``"<image index>/<layer>"``."""
     return f"{index}/{layer}"
 
 

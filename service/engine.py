@@ -1,7 +1,7 @@
 """The engine: loads every configured model, owns the lifecycle, runs requests.
 
-Thread model: the event loop parses requests and awaits futures; the decode pool
-decodes and preprocesses images; one worker thread per model owns its device and
+Thread model: the event loop parses requests and awaits futures. The decode pool
+decodes and preprocesses images. One worker thread per model owns its device and
 runs the forward passes (``batching.Batcher``). Start-up (``load_all``) runs in a
 thread of its own so ``/healthz`` answers while models load.
 """

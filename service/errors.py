@@ -137,7 +137,7 @@ class OutOfMemoryError(FxServeError):
 
 
 class ClientDisconnectedError(FxServeError):
-    """The client closed the connection before its images ran; nobody reads this."""
+    """The client closed the connection before its images ran, so no response is sent."""
 
     status_code = 499
     code = "client_disconnected"

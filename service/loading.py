@@ -205,7 +205,7 @@ def _load_checkpoint(name: str, module: nn.Module, path: Path) -> None:
         raise ConfigError(name, "weights", f"cannot load checkpoint {path} with weights_only=True: {exc}") from exc
     state_dict = _unwrap_state_dict(loaded)
     if state_dict is None:
-        raise ConfigError(name, "weights", f"checkpoint {path} holds {type(loaded).__name__}, not a state dict")
+        raise ConfigError(name, "weights", f"checkpoint {path} contains {type(loaded).__name__}, not a state dict")
     try:
         result = module.load_state_dict(_strip_prefixes(state_dict, module), strict=False)
     except RuntimeError as exc:  # strict=False still raises on tensors of the wrong shape

@@ -18,9 +18,9 @@ logger = logging.getLogger(__name__)
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose first SIGTERM or SIGINT drains instead of closing at once.
 
-    Readiness turns off immediately. After ``shutdown_delay_s`` (time for load
-    balancers to stop sending traffic) uvicorn closes the listener and waits for the
-    requests in flight; then the app's lifespan finishes every queued image. A second
+    Readiness turns off immediately. After ``shutdown_delay_s``, which gives load
+    balancers time to stop sending traffic, uvicorn closes the listener and waits for
+    the requests in flight. Then the app's lifespan finishes every queued image. A second
     signal falls back to uvicorn's own handling, which exits sooner.
     """
 
