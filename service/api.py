@@ -27,7 +27,7 @@ from . import __version__
 from .batching import RequestTicket
 from .encoding import ENCODINGS, SAFETENSORS_MEDIA_TYPE, dumps, embed_safetensors, encode_array, extract_safetensors, wants_safetensors
 from .engine import Engine, ExtractOutcome, ImageInput
-from .errors import BadRequestError, FxServeError, InvalidImageError, InvalidParameterError, ModelNotFoundError, UnsupportedMediaTypeError
+from .errors import BadRequestError, FxServeError, InvalidImageError, InvalidParameterError, ModelNotFoundError, PayloadTooLargeError, UnsupportedMediaTypeError
 from .http_errors import install_error_handlers
 from .metrics import CONTENT_TYPE_LATEST
 from .middleware import AuthMiddleware, BodyLimitMiddleware, ObservabilityMiddleware
@@ -285,7 +285,12 @@ async def _read_multipart(request: Request) -> list[ImageInput]:
     except FxServeError:
         raise
     except Exception as exc:  # python-multipart raises several types for malformed bodies
-        raise BadRequestError(f"the multipart body could not be parsed: {exc}") from None
+        detail = str(getattr(exc, "detail", exc))
+        if "Too many files" in detail:
+            raise PayloadTooLargeError(
+                f"the request has more than {limit} images, the limit (FXSERVE_MAX_IMAGES_PER_REQUEST); split it"
+            ) from None
+        raise BadRequestError(f"the multipart body could not be parsed: {detail}") from None
     images: list[ImageInput] = []
     try:
         entries = form.getlist("images")

@@ -318,3 +318,11 @@ def test_service_serves_after_bad_inputs(client, photos, reference_resnet18, tmp
     for index, result in enumerate(results):
         assert_same(as_array(result["layer3"]), expected["layer3"][index])
         assert_same(as_array(result["pooled"]), expected["pooled"][index])
+
+
+def test_upload_far_too_many_images_rejected(client, photos):
+    # Twelve files pass the multipart parser's own file limit (9 here), so the
+    # rejection must still be a 413 about the image count, not a parse error.
+    response = client.post("/extract", params={"model": "resnet18"}, files=multipart([photos["coffee.jpg"]] * 12))
+
+    assert_error(response, 413, "payload_too_large", "more than 8 images")
