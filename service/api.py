@@ -255,6 +255,7 @@ async def _watch_disconnect(request: Request, ticket: RequestTicket) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            ticket.client_disconnected = True
             ticket.cancelled = True
             return
 

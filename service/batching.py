@@ -49,7 +49,10 @@ class RequestTicket:
     """State shared by all images of one request, read by the worker thread."""
 
     deadline: float
+    # Set when the request no longer needs its images: it failed, timed out or its client left.
     cancelled: bool = False
+    # Set only when the client left, so a deadline or an error is not counted as a disconnect.
+    client_disconnected: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -244,7 +247,8 @@ class Batcher:
         live = []
         for item in items:
             if item.ticket.cancelled:
-                self.metrics.rejected.labels(model=self.model_name, reason="client_disconnected").inc()
+                if item.ticket.client_disconnected:
+                    self.metrics.rejected.labels(model=self.model_name, reason="client_disconnected").inc()
                 item.fail(ClientDisconnectedError("the client closed the connection"))
             elif now > item.ticket.deadline:
                 self.metrics.rejected.labels(model=self.model_name, reason="deadline").inc()
