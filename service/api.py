@@ -225,10 +225,11 @@ def _split_layers(layers: str | None) -> list[str] | None:
 
 
 async def _run(request: Request, engine: Engine, runtime, spec) -> ExtractOutcome:
-    deadline = time.monotonic() + _timeout_s(request, engine.settings.request_timeout_s)
+    timeout_s = _timeout_s(request, engine.settings.request_timeout_s)
+    deadline = time.monotonic() + timeout_s
     with engine.admit(runtime):
         images = await read_images(request)
-        ticket = RequestTicket(deadline=deadline)
+        ticket = RequestTicket(deadline=deadline, timeout_s=timeout_s)
         watcher = asyncio.create_task(_watch_disconnect(request, ticket))
         try:
             return await engine.run(runtime, images, spec, ticket)

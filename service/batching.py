@@ -49,6 +49,8 @@ class RequestTicket:
     """State shared by all images of one request, read by the worker thread."""
 
     deadline: float
+    # Seconds from the request's start to ``deadline``, for error messages.
+    timeout_s: float
     # Set when the request no longer needs its images: it failed, timed out or its client left.
     cancelled: bool = False
     # Set only when the client left, so a deadline or an error is not counted as a disconnect.

@@ -357,7 +357,10 @@ class Engine:
         except TimeoutError:
             ticket.cancelled = True
             self.metrics.rejected.labels(model=runtime.name, reason="deadline").inc()
-            raise DeadlineExceededError(f"the request did not finish within its deadline of {self.settings.request_timeout_s} s (or the X-Request-Timeout header); retry later") from None
+            raise DeadlineExceededError(
+                f"the request did not finish within its deadline of {ticket.timeout_s:g} s; retry later, or send a larger "
+                f"X-Request-Timeout header (at most FXSERVE_REQUEST_TIMEOUT_S={self.settings.request_timeout_s:g} s)"
+            ) from None
         except BaseException:
             ticket.cancelled = True
             raise
