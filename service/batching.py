@@ -177,8 +177,13 @@ class Batcher:
         return len(self._queue)
 
     @property
+    def waiting(self) -> int:
+        """Images queued plus places reserved for images still decoding, the count that ``max_queue`` bounds."""
+        return len(self._queue) + self._reserved
+
+    @property
     def has_room(self) -> bool:
-        return len(self._queue) + self._reserved < self.max_queue
+        return self.waiting < self.max_queue
 
     def is_healthy(self) -> bool:
         """True while the worker thread lives and no batch has run past the stall timeout."""

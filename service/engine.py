@@ -295,7 +295,7 @@ class Engine:
             retry_after = runtime.batcher.estimate_retry_after_s()
             raise OverloadedError(
                 f"the service has {self._in_flight} requests in flight (FXSERVE_MAX_CONCURRENT_REQUESTS={self.settings.max_concurrent_requests}) "
-                f"and model '{runtime.name}' has {runtime.batcher.queue_depth} images queued (max_queue={runtime.config.max_queue}); "
+                f"and model '{runtime.name}' has {runtime.batcher.waiting} images queued or decoding (max_queue={runtime.config.max_queue}); "
                 f"retry after {retry_after} s",
                 headers={"Retry-After": str(retry_after)},
             )
