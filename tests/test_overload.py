@@ -226,6 +226,16 @@ def test_flood_429_message_names_queue(flood):
             assert f"'{MODEL}'" in message, message
 
 
+def test_flood_429_message_counts_full_queue(flood):
+    # Every rejection in the flood comes from the full queue, so the count the message gives must fill it.
+    for response in flood.responses:
+        if response.status_code == 429:
+            message = error_message(response)
+            counts = re.findall(r"has (\d+) images queued", message)
+            assert counts, message
+            assert int(counts[0]) >= MAX_QUEUE, message
+
+
 def test_flood_accepted_requests_complete(flood):
     accepted = [(response, size) for response, size in zip(flood.responses, flood.sizes) if response.status_code == 200]
     assert accepted, "no request of the flood was accepted"
@@ -257,6 +267,7 @@ class DeadlineRun:
     follow_up: httpx.Response
     images_run: float
     deadline_rejections: float
+    disconnect_rejections: float
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +287,17 @@ def deadline_run(servers, flood) -> DeadlineRun:
     # The worker takes items in order, so once this response is back it has passed the late image.
     follow_up = post_images(server.base_url, [noise_png(2)])
     after = read_metrics(server)
+
+    def increase(sample_name: str, **labels: str) -> float:
+        return metric_value(after, sample_name, model=MODEL, **labels) - metric_value(before, sample_name, model=MODEL, **labels)
+
     return DeadlineRun(
         late=late,
         blocker=blocker_response,
         follow_up=follow_up,
-        images_run=metric_value(after, "fxserve_images_total", model=MODEL) - metric_value(before, "fxserve_images_total", model=MODEL),
-        deadline_rejections=metric_value(after, "fxserve_rejected_requests_total", model=MODEL, reason="deadline")
-        - metric_value(before, "fxserve_rejected_requests_total", model=MODEL, reason="deadline"),
+        images_run=increase("fxserve_images_total"),
+        deadline_rejections=increase("fxserve_rejected_requests_total", reason="deadline"),
+        disconnect_rejections=increase("fxserve_rejected_requests_total", reason="client_disconnected"),
     )
 
 
@@ -292,6 +307,11 @@ def test_deadline_request_gets_504(deadline_run):
 
 def test_deadline_error_code(deadline_run):
     assert deadline_run.late.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_deadline_message_names_timeout(deadline_run):
+    message = error_message(deadline_run.late)
+    assert "0.3 s" in message, message
 
 
 def test_deadline_blocking_request_still_succeeds(deadline_run):
@@ -307,8 +327,13 @@ def test_deadline_expired_image_never_runs(deadline_run):
     assert deadline_run.images_run == 2
 
 
-def test_deadline_counted_in_rejections(deadline_run):
-    assert deadline_run.deadline_rejections >= 1
+def test_deadline_counted_once(deadline_run):
+    assert deadline_run.deadline_rejections == 1
+
+
+def test_deadline_not_counted_as_disconnect(deadline_run):
+    # The client waited for its 504; it never disconnected.
+    assert deadline_run.disconnect_rejections == 0
 
 
 # --- body size and upload time ----------------------------------------------------
