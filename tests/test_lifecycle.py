@@ -184,6 +184,7 @@ def test_sigterm_requests_during_delay_answered(drain_run):
     # A request that reaches the port only after the listener closed fails to
     # connect. The server never accepted it, so it is not lost.
     accepted = [outcome for outcome in drain_run.wave if not isinstance(outcome.error, httpx.ConnectError)]
+    assert accepted, "every request sent during the shutdown delay failed to connect"
     for outcome in accepted:
         assert_complete_answer(outcome, drain_run.log)
 

@@ -424,8 +424,10 @@ def test_cost_pooled_layer_accepted(servers):
 
 
 def test_cost_rejection_counted(servers):
-    metrics = read_metrics(servers.limits)
-    assert metric_value(metrics, "fxserve_rejected_requests_total", model=MODEL, reason="too_costly") >= 1
+    before = metric_value(read_metrics(servers.limits), "fxserve_rejected_requests_total", model=MODEL, reason="too_costly")
+    post_images(servers.limits.base_url, [noise_png(seed) for seed in range(4)], params={"layers": "layer1"})
+    after = metric_value(read_metrics(servers.limits), "fxserve_rejected_requests_total", model=MODEL, reason="too_costly")
+    assert after - before == 1
 
 
 # --- requests in flight -------------------------------------------------------------
