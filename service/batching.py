@@ -56,6 +56,14 @@ class RequestTicket:
     # Set only when the client left, so a deadline or an error is not counted as a disconnect.
     client_disconnected: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
+    rejection_counted: bool = False
+
+    def first_rejection(self) -> bool:
+        """Return True once per request, so a rejection of several images counts once."""
+        if self.rejection_counted:
+            return False
+        self.rejection_counted = True
+        return True
 
 
 @dataclass(frozen=True)
@@ -254,11 +262,12 @@ class Batcher:
         live = []
         for item in items:
             if item.ticket.cancelled:
-                if item.ticket.client_disconnected:
+                if item.ticket.client_disconnected and item.ticket.first_rejection():
                     self.metrics.rejected.labels(model=self.model_name, reason="client_disconnected").inc()
                 item.fail(ClientDisconnectedError("the client closed the connection"))
             elif now > item.ticket.deadline:
-                self.metrics.rejected.labels(model=self.model_name, reason="deadline").inc()
+                if item.ticket.first_rejection():
+                    self.metrics.rejected.labels(model=self.model_name, reason="deadline").inc()
                 item.fail(DeadlineExceededError(f"the request waited {now - item.ticket.enqueued_at:.2f} s in the queue, past its deadline; retry later or raise the deadline"))
             else:
                 live.append(item)

@@ -290,15 +290,15 @@ class Engine:
 
         Called before the body is read, so rejected requests cost no upload or decode.
         """
-        if self._in_flight >= self.settings.max_concurrent_requests or not runtime.batcher.has_room:
+        problem = None
+        if self._in_flight >= self.settings.max_concurrent_requests:
+            problem = f"the service has {self._in_flight} requests in flight, the limit (FXSERVE_MAX_CONCURRENT_REQUESTS={self.settings.max_concurrent_requests})"
+        elif not runtime.batcher.has_room:
+            problem = f"model '{runtime.name}' has {runtime.batcher.waiting} images queued or decoding, its limit (max_queue={runtime.config.max_queue})"
+        if problem is not None:
             self.metrics.rejected.labels(model=runtime.name, reason="overloaded").inc()
             retry_after = runtime.batcher.estimate_retry_after_s()
-            raise OverloadedError(
-                f"the service has {self._in_flight} requests in flight (FXSERVE_MAX_CONCURRENT_REQUESTS={self.settings.max_concurrent_requests}) "
-                f"and model '{runtime.name}' has {runtime.batcher.waiting} images queued or decoding (max_queue={runtime.config.max_queue}); "
-                f"retry after {retry_after} s",
-                headers={"Retry-After": str(retry_after)},
-            )
+            raise OverloadedError(f"{problem}; retry after {retry_after} s", headers={"Retry-After": str(retry_after)})
         self._in_flight += 1
         try:
             yield
@@ -356,7 +356,8 @@ class Engine:
             results: list[ItemResult] = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(remaining, 0.001))
         except TimeoutError:
             ticket.cancelled = True
-            self.metrics.rejected.labels(model=runtime.name, reason="deadline").inc()
+            if ticket.first_rejection():
+                self.metrics.rejected.labels(model=runtime.name, reason="deadline").inc()
             raise DeadlineExceededError(
                 f"the request did not finish within its deadline of {ticket.timeout_s:g} s; retry later, or send a larger "
                 f"X-Request-Timeout header (at most FXSERVE_REQUEST_TIMEOUT_S={self.settings.request_timeout_s:g} s)"
