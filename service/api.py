@@ -21,7 +21,7 @@ import orjson
 from fastapi import FastAPI, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from . import __version__
 from .batching import RequestTicket
@@ -58,6 +58,33 @@ _IMAGES_REQUEST_BODY = {
         },
         "image/*": {"schema": {"type": "string", "format": "binary"}},
     },
+}
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"}},
+        }
+    },
+}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    for status, description in {
+        400: "An image cannot be decoded or the body is malformed.",
+        401: "API keys are configured and the bearer token is missing or invalid.",
+        404: "The model is not configured.",
+        408: "The request body did not arrive in time.",
+        413: "Too many images, an image over a size limit, or outputs over the response limit.",
+        415: "The content type is not multipart/form-data, application/json or image/*.",
+        422: "An invalid query parameter or header.",
+        429: "The queue is full or too many requests are in flight; see Retry-After.",
+        503: "The model is loading, failed to load, or the service is draining.",
+        504: "The request passed its deadline.",
+        507: "An image ran out of device memory even alone.",
+    }.items()
 }
 
 
@@ -105,7 +132,7 @@ async def _watch_loading(engine: Engine, loader: threading.Thread, on_fatal: Cal
 
 
 def _add_routes(app: FastAPI, engine: Engine) -> None:
-    @app.post("/extract", openapi_extra={"requestBody": _IMAGES_REQUEST_BODY}, summary="Return intermediate feature maps for each image.")
+    @app.post("/extract", openapi_extra={"requestBody": _IMAGES_REQUEST_BODY}, responses=_ERROR_RESPONSES, summary="Return intermediate feature maps for each image.")
     async def extract(
         request: Request,
         model: str | None = Query(None, description="Configured model name; optional when one model is configured."),
@@ -134,7 +161,7 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
         body = await _encode(dumps, payload, size=_element_count(outcome))
         return _timed(Response(body, media_type="application/json"), outcome, request)
 
-    @app.post("/embed", openapi_extra={"requestBody": _IMAGES_REQUEST_BODY}, summary="Return one average-pooled, L2-normalised vector per image.")
+    @app.post("/embed", openapi_extra={"requestBody": _IMAGES_REQUEST_BODY}, responses=_ERROR_RESPONSES, summary="Return one average-pooled, L2-normalised vector per image.")
     async def embed(
         request: Request,
         model: str | None = Query(None, description="Configured model name; optional when one model is configured."),
@@ -192,7 +219,7 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
             body["failed"] = engine.failed
         return Response(dumps(body), status_code=200 if engine.is_ready() else 503, media_type="application/json")
 
-    @app.get("/metrics", summary="Prometheus metrics in the text exposition format.")
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics in the text exposition format.")
     async def metrics() -> Response:
         engine.unhealthy_workers()
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)

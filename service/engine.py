@@ -28,7 +28,7 @@ from .extractors import ExtractorSet, LayerInfo
 from .loading import LoadedModel, load_model
 from .metrics import Metrics
 from .pooling import OUTPUT_DTYPES, POOL_CHOICES, pooled_shape
-from .preprocess import ImageLimits, decode_image
+from .preprocess import ImageLimits, check_resized_size, decode_image
 from .settings import Settings
 
 __all__ = ["ImageInput", "ExtractOutcome", "ModelRuntime", "Engine", "configure_torch", "resolve_device"]
@@ -201,7 +201,7 @@ class Engine:
         self.failed: dict[str, str] = {}
         self.state = "loading"
         self.fatal_error: BaseException | None = None
-        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_resized_pixels)
         self.decode_pool = ThreadPoolExecutor(settings.resolved_decode_workers, thread_name_prefix="fxserve-decode")
         self._state_lock = threading.Lock()
         self._in_flight = 0  # changed on the event loop only
@@ -404,6 +404,7 @@ class Engine:
     def _decode_one(self, runtime: ModelRuntime, image: ImageInput, index: int) -> torch.Tensor:
         started = time.monotonic()
         decoded = decode_image(image.data, index, image.filename, self.limits)
+        check_resized_size(decoded, runtime.loaded.preprocessor, index, image.filename, self.limits)
         tensor = runtime.loaded.preprocessor(decoded)
         self.metrics.decode_duration.labels(model=runtime.name).observe(time.monotonic() - started)
         return tensor

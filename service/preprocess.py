@@ -21,7 +21,7 @@ from torchvision.transforms import functional as F
 
 from .errors import InvalidImageError, PayloadTooLargeError
 
-__all__ = ["ImageLimits", "Preprocessor", "decode_image", "preprocessor_from_config", "preprocessor_from_weights", "describe_image"]
+__all__ = ["ImageLimits", "Preprocessor", "decode_image", "check_resized_size", "preprocessor_from_config", "preprocessor_from_weights", "describe_image"]
 
 # A truncated file must fail instead of decoding as a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -34,6 +34,7 @@ Image.MAX_IMAGE_PIXELS = None
 class ImageLimits:
     max_bytes: int
     max_pixels: int
+    max_resized_pixels: int
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,14 @@ class Preprocessor:
     interpolation: str
     antialias: bool
     source: str
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """Return (width, height) after the resize step, computed as torchvision does."""
+        if len(self.resize) == 2:
+            return self.resize[1], self.resize[0]
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize[0], int(self.resize[0] * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         mode = InterpolationMode(self.interpolation)
@@ -143,6 +152,21 @@ def decode_image(data: bytes, index: int, filename: str | None, limits: ImageLim
             raise InvalidImageError(f"{label} is truncated or corrupt ({exc}); send the complete file") from None
     image = _apply_exif_orientation(image)
     return to_rgb(image)
+
+
+def check_resized_size(image: Image.Image, preprocessor: Preprocessor, index: int, filename: str | None, limits: ImageLimits) -> None:
+    """Reject an image whose resized copy would exceed the pixel limit.
+
+    Resizing the shorter side of a thin strip builds a huge image before the center
+    crop discards most of it: 4000x1 resized to a shorter side of 256 is 1,024,000x256.
+    """
+    width, height = preprocessor.resized_size(*image.size)
+    if width * height > limits.max_resized_pixels:
+        raise PayloadTooLargeError(
+            f"{describe_image(index, filename)} is {image.width}x{image.height}; resizing it gives {width}x{height} = "
+            f"{width * height} pixels, more than the limit of {limits.max_resized_pixels} (FXSERVE_MAX_RESIZED_PIXELS); "
+            "crop it to a less extreme aspect ratio"
+        )
 
 
 def _open(data: bytes, label: str, limits: ImageLimits) -> Image.Image:

@@ -30,6 +30,9 @@ class Settings:
     max_images_per_request: int = 64
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Pixels of an image after the resize step and before the crop, a bound on the
+    # memory a thin strip can make the resize allocate.
+    max_resized_pixels: int = 40_000_000
     max_body_bytes: int = 200 * 1024 * 1024
     max_response_bytes: int = 512 * 1024 * 1024
     max_concurrent_requests: int = 256

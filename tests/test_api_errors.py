@@ -7,7 +7,6 @@ request, 3,000,000 bytes and 4,000,000 pixels per image.
 from __future__ import annotations
 
 import base64
-import io
 import struct
 import zlib
 from pathlib import Path
@@ -326,3 +325,12 @@ def test_upload_far_too_many_images_rejected(client, photos):
     response = client.post("/extract", params={"model": "resnet18"}, files=multipart([photos["coffee.jpg"]] * 12))
 
     assert_error(response, 413, "payload_too_large", "more than 8 images")
+
+
+def test_upload_thin_strip_rejected_before_resize(client, tmp_path):
+    # 4000x1 resized to a shorter side of 256 would be a 1,024,000x256 image.
+    strip = save_png(tmp_path / "strip.png", Image.new("RGB", (4000, 1), (40, 90, 160)))
+
+    response = post_files(client, [strip])
+
+    assert_error(response, 413, "payload_too_large", "image 0 ('strip.png')", "4000x1", "1024000x256", "FXSERVE_MAX_RESIZED_PIXELS")
