@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ClientDisconnectedError, DeadlineExceededError, FxServeError, NotReadyError, OutOfMemoryError, OverloadedError
+from .errors import ClientDisconnectedError, DeadlineExceededError, FxServeError, NotReadyError, OutOfMemoryError, OverloadedError, PayloadTooLargeError
 from .metrics import Metrics
 from .pooling import OUTPUT_DTYPES, finish_features
 
@@ -149,6 +149,11 @@ class Batcher:
         with self._condition:
             if not self._accepting:
                 raise NotReadyError(f"model '{self.model_name}' is shutting down and takes no new requests; retry on another replica")
+            if count > self.max_queue:
+                raise PayloadTooLargeError(
+                    f"the request has {count} images, more than model '{self.model_name}' can ever queue "
+                    f"(max_queue={self.max_queue}); split it"
+                )
             waiting = len(self._queue) + self._reserved
             if waiting + count > self.max_queue:
                 self.metrics.rejected.labels(model=self.model_name, reason="queue_full").inc()

@@ -473,3 +473,13 @@ def test_concurrency_limit_admitted_requests_succeed(concurrency_run):
 
 def test_concurrency_limit_frees_slot_after_completion(concurrency_run):
     assert concurrency_run.after.status_code == 200, concurrency_run.after.text
+
+
+def test_request_larger_than_queue_gets_413(servers):
+    # More images than max_queue could never be queued, so retrying (429) would not help.
+    images = [noise_png(700 + index) for index in range(MAX_QUEUE + 1)]
+
+    response = post_images(servers.limits.base_url, images)
+
+    assert response.status_code == 413, response.text
+    assert f"max_queue={MAX_QUEUE}" in error_message(response)
