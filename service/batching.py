@@ -110,6 +110,7 @@ class Batcher:
         *,
         device: torch.device,
         input_dtype: torch.dtype,
+        memory_format: torch.memory_format = torch.contiguous_format,
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
@@ -120,6 +121,7 @@ class Batcher:
         self.runner = runner
         self.device = device
         self.input_dtype = input_dtype
+        self.memory_format = memory_format
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -300,6 +302,7 @@ class Batcher:
         forward_started = time.monotonic()
         with torch.inference_mode():
             batch = torch.stack([item.image for item in items]).to(self.device, self.input_dtype, non_blocking=True)
+            batch = batch.contiguous(memory_format=self.memory_format)
             outputs = self.runner(batch, layers)
             per_item = _finish_on_device(items, outputs)
         forward_s = time.monotonic() - forward_started
@@ -335,7 +338,9 @@ def _finish_on_device(items: list[WorkItem], outputs: dict[str, torch.Tensor]) -
             selector = torch.tensor(indices, device=outputs[spec.layers[0]].device)
         for layer in spec.layers:
             features = outputs[layer] if selector is None else outputs[layer].index_select(0, selector)
-            host = finish_features(features, spec.pool, spec.normalize, OUTPUT_DTYPES[spec.dtype]).cpu().numpy()
+            finished = finish_features(features, spec.pool, spec.normalize, OUTPUT_DTYPES[spec.dtype])
+            # Rows of a C-contiguous array are contiguous, so the encoders need no copy.
+            host = finished.contiguous().cpu().numpy()
             for row, index in enumerate(indices):
                 per_item[index][layer] = host[row]
     return per_item

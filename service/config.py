@@ -86,6 +86,7 @@ class ModelConfig(_Strict):
     preprocess: _PreprocessField = "weights"
     device: str = "auto"
     dtype: DType = "float32"
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     submodule: str | None = None
     tracer: TracerConfig | None = None

@@ -36,6 +36,7 @@ __all__ = ["ImageInput", "ExtractOutcome", "ModelRuntime", "Engine", "configure_
 logger = logging.getLogger(__name__)
 
 _MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 _WARM_UP_IMAGES = 2
 
 
@@ -98,11 +99,12 @@ class ModelRuntime:
         started = time.monotonic()
         device = resolve_device(name, config.device)
         loaded = load_model(name, config)
-        module = loaded.module.to(device=device, dtype=_MODEL_DTYPES[config.dtype])
+        module = loaded.module.to(device=device, dtype=_MODEL_DTYPES[config.dtype], memory_format=_MEMORY_FORMATS[config.memory_format])
         extractors = ExtractorSet(name, module, config.layers, config.tracer, config.extractor_cache_size)
         extractors.validate_nodes()
         height, width = loaded.preprocessor.output_size
         warm_up = torch.zeros(_WARM_UP_IMAGES, 3, height, width, device=device, dtype=_MODEL_DTYPES[config.dtype])
+        warm_up = warm_up.contiguous(memory_format=_MEMORY_FORMATS[config.memory_format])
         try:
             with torch.inference_mode():
                 extractors.warm_up(warm_up)
@@ -117,6 +119,7 @@ class ModelRuntime:
             extractors.run,
             device=device,
             input_dtype=runtime.dtype,
+            memory_format=_MEMORY_FORMATS[config.memory_format],
             max_batch_size=config.max_batch_size,
             max_wait_ms=config.max_wait_ms,
             max_queue=config.max_queue,
@@ -163,6 +166,7 @@ class ModelRuntime:
             "random_weights": self.loaded.random_weights,
             "device": str(self.device),
             "dtype": self.config.dtype,
+            "memory_format": self.config.memory_format,
             "layers": layers,
             "default_layers": self.default_layers,
             "embed_layer": self.embed_layer,
@@ -186,6 +190,7 @@ class ModelRuntime:
             "normalization": "l2" if spec.normalize else "none",
             "preprocessing": self.loaded.preprocessor.describe(),
             "model_dtype": self.config.dtype,
+            "memory_format": self.config.memory_format,
             "output_dtype": spec.dtype,
         }
 

@@ -93,6 +93,14 @@ def make_test_config(mobilenet_checkpoint: Path) -> dict:
                 "max_batch_size": 8,
                 "max_wait_ms": 30,
             },
+            "resnet18_cl": {
+                "architecture": "resnet18",
+                "weights": "IMAGENET1K_V1",
+                "layers": {"layer1": "layer1", "layer4": "layer4"},
+                "default_layers": ["layer4"],
+                "preprocess": "weights",
+                "memory_format": "channels_last",
+            },
             "mobilenet": {
                 "architecture": "mobilenet_v3_small",
                 "weights": str(mobilenet_checkpoint),

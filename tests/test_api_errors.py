@@ -21,7 +21,7 @@ from .reference import assert_same, resnet_reference
 MAX_IMAGES = int(SERVER_ENV["FXSERVE_MAX_IMAGES_PER_REQUEST"])
 MAX_IMAGE_BYTES = int(SERVER_ENV["FXSERVE_MAX_IMAGE_BYTES"])
 MAX_IMAGE_PIXELS = int(SERVER_ENV["FXSERVE_MAX_IMAGE_PIXELS"])
-CONFIGURED_MODELS = ("resnet18", "mobilenet", "fpn")
+CONFIGURED_MODELS = ("resnet18", "resnet18_cl", "mobilenet", "fpn")
 RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4", "pooled")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -107,3 +107,17 @@ def test_extract_keeps_input_order(client, photos):
     results = [as_array(r["pooled"]) for r in response.json()["results"]]
     np.testing.assert_array_equal(results[0], results[2])
     assert not np.allclose(results[0], results[1])
+
+
+def test_extract_channels_last_close_to_reference(client, photos, reference_resnet18):
+    paths = [photos["astronaut.jpg"], photos["coffee.jpg"]]
+    response = client.post("/extract", params={"model": "resnet18_cl", "layers": "layer1,layer4"}, files=multipart(paths))
+
+    assert response.status_code == 200, response.text
+    expected = resnet_reference(reference_resnet18, paths, ["layer1", "layer4"])
+    for index, result in enumerate(response.json()["results"]):
+        for layer in ("layer1", "layer4"):
+            served = as_array(result[layer])
+            assert served.shape == expected[layer][index].shape
+            # Other convolution kernels round differently; values stay within float32 noise.
+            np.testing.assert_allclose(served, expected[layer][index], rtol=1e-4, atol=1e-4)

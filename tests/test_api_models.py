@@ -2,7 +2,7 @@
 
 Layer shapes are compared with torchvision's own extractor run in the test
 process, and node lists with ``get_graph_node_names``. The server is the
-session's ``live_server`` (resnet18, mobilenet and fpn, see ``make_test_config``).
+session's ``live_server`` (resnet18, resnet18_cl, mobilenet and fpn, see ``make_test_config``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torchvision.models.feature_extraction import get_graph_node_names
 from .conftest import multipart
 from .reference import MOBILENET_PREPROCESS, extract
 
-MODEL_NAMES = ["resnet18", "mobilenet", "fpn"]
+MODEL_NAMES = ["resnet18", "resnet18_cl", "mobilenet", "fpn"]
 EXPECTED_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -53,6 +53,7 @@ def expected_layers(live_server, reference_resnet18) -> dict[str, dict[str, dict
     fpn_backbone = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).backbone
     return {
         "resnet18": reference_layers(reference_resnet18, configured_layers(models["resnet18"]), (224, 224)),
+        "resnet18_cl": reference_layers(reference_resnet18, configured_layers(models["resnet18_cl"]), (224, 224)),
         "mobilenet": reference_layers(mobilenet_v3_small(), configured_layers(models["mobilenet"]), (128, 128)),
         "fpn": reference_layers(fpn_backbone, configured_layers(models["fpn"]), (320, 320)),
     }
