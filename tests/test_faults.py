@@ -7,7 +7,6 @@ batch with a plain white image, and sleeps ``HANG_S`` on a plain black image.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +16,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from .fault_models import faulty_config
+from .imagefiles import noise_png, plain_png
 from .serverproc import ServerProcess
 
 MODEL = "faulty"
@@ -30,20 +29,6 @@ LAYERS = "layer1,pooled"
 IMAGE_SEEDS = list(range(9))
 
 BASE_ENV = {"FXSERVE_TORCH_THREADS": "2", "FXSERVE_DECODE_WORKERS": "2", "FXSERVE_SHUTDOWN_DELAY_S": "0.1"}
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def noise_png(seed: int, size: int = 80) -> bytes:
-    return png_bytes(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def plain_png(value: int, size: int = 80) -> bytes:
-    return png_bytes(np.full((size, size, 3), value, dtype=np.uint8))
 
 
 def post_images(base_url: str, images: list[bytes], model: str = MODEL, layers: str | None = LAYERS) -> httpx.Response:
