@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import logging
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from enum import Enum
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config, resolve_config_path
+from .config import ServiceConfig, load_config, resolve_config_path
 from .errors import ConfigError
 from .settings import Settings
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = commands.add_parser("nodes", help="print the graph node names of a torchvision architecture")
     nodes.add_argument("architecture", help="a torchvision.models name such as resnet50, or package.module:callable")
     nodes.add_argument("--mode", choices=["eval", "train"], default="eval", help="graph to list (default: eval)")
+    nodes.add_argument("--submodule", help="list the nodes of this submodule, e.g. backbone of a detection model")
 
     prefetch = commands.add_parser("prefetch", help="download or verify every configured weight into TORCH_HOME")
     prefetch.add_argument("--config", help="models.yaml path (default: $FXSERVE_CONFIG, else ./models.yaml)")
@@ -73,13 +75,17 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import DrainingServer
 
     settings = Settings.from_env()
-    config_path = resolve_config_path(args.config)
-    config = load_config(config_path)
+    api_keys = settings.load_api_keys()
+    config_path, config = _load_config(args)
+    try:
+        listener = _bind(args.host, args.port)
+    except OSError as exc:
+        logger.error("cannot listen on %s port %d: %s; pick another --port or stop the process using it", args.host, args.port, exc.strerror or exc)
+        return 1
     logger.info("serving %s from %s", ", ".join(config.models), config_path)
     configure_torch(settings)
     engine = Engine(config, settings, Metrics())
 
-    api_keys = settings.load_api_keys()
     if api_keys:
         logger.info("API keys are required on every path but /healthz, /readyz and /metrics (%d keys)", len(api_keys))
     server: DrainingServer | None = None
@@ -98,18 +104,41 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
     )
     server = DrainingServer(uvicorn_config, engine)
-    server.run()
+    server.run(sockets=[listener])
     if engine.fatal_error is not None:
         return 1
     return 0
+
+
+def _load_config(args: argparse.Namespace) -> tuple[Path, ServiceConfig]:
+    """Load the config that ``--config`` or FXSERVE_CONFIG names; errors start with its path."""
+    config_path = resolve_config_path(args.config)
+    try:
+        return config_path, load_config(config_path)
+    except ConfigError as exc:
+        exc.message = f"{config_path}: {exc.message}"
+        raise
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Open the listening socket before any model loads, so a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
+    listener.set_inheritable(True)
+    return listener
 
 
 def _check(args: argparse.Namespace) -> int:
     from .extractors import ExtractorSet
     from .loading import checkpoint_path_for, load_model, resolve_weights
 
-    config_path = resolve_config_path(args.config)
-    config = load_config(config_path)
+    config_path, config = _load_config(args)
     failures = 0
     for name, model_config in config.models.items():
         try:
@@ -123,7 +152,14 @@ def _check(args: argparse.Namespace) -> int:
         note = ""
         if isinstance(weights, Enum):
             cached = checkpoint_path_for(weights)
-            note = f"; weights cached at {cached}" if cached.is_file() else f"; weights NOT cached (expected at {cached}; run prefetch)"
+            if not cached.is_file():
+                note = f"; weights NOT cached (expected at {cached}; run prefetch)"
+            elif not _hash_matches(cached):
+                failures += 1
+                logger.error("model %s: %s does not match the SHA-256 prefix in its file name; delete it and run prefetch", name, cached)
+                continue
+            else:
+                note = f"; weights cached and verified at {cached}"
         logger.info("model %s: OK (%s, layers %s%s)", name, model_config.architecture, ", ".join(model_config.layers), note)
     if failures:
         logger.error("%s: %d of %d models have errors", config_path, failures, len(config.models))
@@ -133,14 +169,13 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _nodes(args: argparse.Namespace) -> int:
-    from torchvision.models.feature_extraction import get_graph_node_names
-
     from .config import ModelConfig
+    from .extractors import ExtractorSet
     from .loading import load_model
 
-    probe = ModelConfig(architecture=args.architecture, weights=None, layers=["x"], preprocess={"resize": [224, 224]})
+    probe = ModelConfig(architecture=args.architecture, weights=None, layers=["x"], preprocess={"resize": [224, 224]}, submodule=args.submodule)
     loaded = load_model(args.architecture, probe, random_init=True)
-    train, eval_ = get_graph_node_names(loaded.module, suppress_diff_warning=True)
+    train, eval_ = ExtractorSet(args.architecture, loaded.module, {}, None, 1).node_names()
     sys.stdout.write("\n".join(eval_ if args.mode == "eval" else train) + "\n")
     return 0
 
@@ -148,7 +183,7 @@ def _nodes(args: argparse.Namespace) -> int:
 def _prefetch(args: argparse.Namespace) -> int:
     from .loading import checkpoint_path_for, resolve_weights
 
-    config = load_config(resolve_config_path(args.config))
+    _, config = _load_config(args)
     failures = 0
     for name, model_config in config.models.items():
         weights = resolve_weights(name, model_config)
@@ -180,14 +215,21 @@ def _fetch_enum_weights(name: str, weights: Enum, path: Path) -> bool:
         except Exception as exc:  # noqa: BLE001 - network and hash errors; reported, counted
             logger.error("model %s: download of %s failed: %s. Put %s into %s by hand", name, weights.value.url, exc, path.name, path.parent)
             return False
-    expected = _hash_prefix(path.name)
-    if expected is not None:
+    if not _hash_matches(path):
         digest = _sha256(path)
-        if not digest.startswith(expected):
-            logger.error("model %s: %s has SHA-256 %s..., but its file name says %s; delete it and run prefetch again", name, path, digest[:12], expected)
-            return False
+        logger.error(
+            "model %s: %s has SHA-256 %s..., but its file name expects %s; delete it and run prefetch again",
+            name, path, digest[:12], _hash_prefix(path.name),
+        )
+        return False
     logger.info("model %s: %s is present and verified", name, path)
     return True
+
+
+def _hash_matches(path: Path) -> bool:
+    """Compare a file with the SHA-256 prefix torchvision puts in weight file names."""
+    expected = _hash_prefix(path.name)
+    return expected is None or _sha256(path).startswith(expected)
 
 
 def _hash_prefix(file_name: str) -> str | None:

@@ -53,6 +53,17 @@ class Settings:
     api_keys: str = field(default="", repr=False)
     api_keys_file: str = ""
 
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            # Thread counts and the shutdown delay may be 0; every limit and timeout must be positive.
+            minimum_ok = value >= 0 if spec.name in _ZERO_ALLOWED else value > 0
+            if not minimum_ok:
+                bound = "0 or more" if spec.name in _ZERO_ALLOWED else "more than 0"
+                raise ValueError(f"FXSERVE_{spec.name.upper()}={value} is invalid; it must be {bound}")
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
         """Build settings from ``FXSERVE_*`` variables; raise ValueError on a bad value."""
@@ -75,12 +86,24 @@ class Settings:
         return self.torch_threads or _cpu_count()
 
     def load_api_keys(self) -> list[str]:
-        """Return the configured bearer tokens; an empty list means auth is off."""
+        """Return the configured bearer tokens; an empty list means auth is off.
+
+        Raises ValueError when a key source is set but yields no key, because
+        silently serving without auth is worse than not starting.
+        """
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
         if self.api_keys_file:
-            with open(self.api_keys_file, encoding="utf-8") as handle:
-                keys.extend(line.strip() for line in handle if line.strip() and not line.startswith("#"))
+            try:
+                with open(self.api_keys_file, encoding="utf-8") as handle:
+                    keys.extend(line.strip() for line in handle if line.strip() and not line.startswith("#"))
+            except OSError as exc:
+                raise ValueError(f"FXSERVE_API_KEYS_FILE={self.api_keys_file} cannot be read: {exc.strerror or exc}") from None
+        if (self.api_keys or self.api_keys_file) and not keys:
+            raise ValueError("FXSERVE_API_KEYS or FXSERVE_API_KEYS_FILE is set but contains no key; add keys or unset both to serve without auth")
         return keys
+
+
+_ZERO_ALLOWED = frozenset({"decode_workers", "torch_threads", "shutdown_delay_s"})
 
 
 def _parse_value(name: str, raw: str, type_name: object) -> object:

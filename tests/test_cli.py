@@ -7,6 +7,7 @@ test makes exactly one run.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,65 @@ def test_console_script_help(empty_torch_home):
 
     assert result.returncode == 0, result.stderr
     assert "{serve,check,nodes,prefetch}" in result.stdout
+
+
+def test_serve_busy_port_exits_one(tmp_path, empty_torch_home):
+    config = write_config(tmp_path / "models.yaml", {
+        "mobilenet": {"architecture": "mobilenet_v3_small", "weights": None, "layers": ["flatten"], "preprocess": MOBILENET_PREPROCESS},
+    })
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)], empty_torch_home)
+
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1 port {port}" in result.stderr
+    assert "terminate called" not in result.stderr
+
+
+def test_serve_empty_api_key_file_refuses_to_start(tmp_path, empty_torch_home):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# no keys yet\n\n")
+    config = write_config(tmp_path / "models.yaml", {
+        "mobilenet": {"architecture": "mobilenet_v3_small", "weights": None, "layers": ["flatten"], "preprocess": MOBILENET_PREPROCESS},
+    })
+    env_keys = {"FXSERVE_API_KEYS_FILE": str(keys)}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--config", str(config), "--port", "0"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TORCH_HOME": str(empty_torch_home), **env_keys},
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False,
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "contains no key" in result.stderr
+
+
+def test_check_corrupt_cached_weights_fails(tmp_path, empty_torch_home):
+    cached = empty_torch_home / "hub" / "checkpoints" / os.path.basename(ResNet18_Weights.IMAGENET1K_V1.url)
+    cached.write_bytes(b"not a checkpoint")
+    config = write_config(tmp_path / "models.yaml", {
+        "resnet18": {"architecture": "resnet18", "weights": "IMAGENET1K_V1", "layers": ["flatten"]},
+    })
+
+    result = run_cli(["check", "--config", str(config)], empty_torch_home)
+
+    assert result.returncode == 1, result.stderr
+    assert "does not match the SHA-256 prefix" in result.stderr
+
+
+def test_check_missing_config_names_path(tmp_path, empty_torch_home):
+    missing = tmp_path / "absent.yaml"
+
+    result = run_cli(["check", "--config", str(missing)], empty_torch_home)
+
+    assert result.returncode == 2
+    assert f"{missing}: cannot read {missing}" in result.stderr
+    assert "models.yaml" not in result.stderr.replace(str(missing), "")
+
+
+def test_nodes_submodule_of_detection_model(empty_torch_home):
+    result = run_cli(["nodes", "fasterrcnn_mobilenet_v3_large_320_fpn", "--submodule", "backbone"], empty_torch_home)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "fpn"
