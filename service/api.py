@@ -27,7 +27,7 @@ from . import __version__
 from .batching import RequestTicket
 from .encoding import ENCODINGS, SAFETENSORS_MEDIA_TYPE, dumps, embed_safetensors, encode_array, extract_safetensors, wants_safetensors
 from .engine import Engine, ExtractOutcome, ImageInput
-from .errors import BadRequestError, FxServeError, InvalidImageError, InvalidParameterError, ModelNotFoundError, PayloadTooLargeError, UnsupportedMediaTypeError
+from .errors import BadRequestError, FxServeError, InvalidImageError, InvalidParameterError, ModelNotFoundError, PayloadTooLargeError, UnsupportedMediaTypeError, closest, show
 from .http_errors import install_error_handlers
 from .metrics import CONTENT_TYPE_LATEST
 from .middleware import AuthMiddleware, BodyLimitMiddleware, ObservabilityMiddleware
@@ -142,8 +142,9 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
         encoding: str = Query("json", description="json (nested lists) or base64 (raw little-endian bytes)."),
         dtype: str = Query("float32", description="float32 or float16."),
     ) -> Response:
+        _reject_unknown_query(request, _EXTRACT_PARAMETERS)
         if encoding not in ENCODINGS:
-            raise InvalidParameterError(f"encoding {encoding!r} is not valid; valid: {', '.join(ENCODINGS)}")
+            raise InvalidParameterError(f"encoding {show(encoding)} is not valid; valid: {', '.join(ENCODINGS)}")
         runtime = engine.get(model)
         spec = engine.make_spec(runtime, _split_layers(layers), pool, normalize, dtype)
         outcome = await _run(request, engine, runtime, spec)
@@ -168,6 +169,7 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
         layer: str | None = Query(None, description="Layer to pool; default: the model's embed_layer."),
         dtype: str = Query("float32", description="float32 or float16."),
     ) -> Response:
+        _reject_unknown_query(request, _EMBED_PARAMETERS)
         runtime = engine.get(model)
         spec = engine.make_spec(runtime, [layer or runtime.embed_layer], "avg", True, dtype)
         outcome = await _run(request, engine, runtime, spec)
@@ -185,19 +187,19 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
     async def list_models() -> Response:
         return Response(dumps({"models": [_describe(engine, name) for name in engine.config.models]}), media_type="application/json")
 
-    @app.get("/models/{name}", summary="Describe one model.")
+    @app.get("/models/{name}", responses={404: _ERROR_RESPONSES[404]}, summary="Describe one model.")
     async def get_model(name: str) -> Response:
         if name not in engine.config.models:
-            raise ModelNotFoundError(f"model '{name}' is not configured; valid models: {', '.join(engine.config.models)}")
+            raise ModelNotFoundError(f"model {show(name)} is not configured; valid models: {', '.join(engine.config.models)}")
         return Response(dumps(_describe(engine, name)), media_type="application/json")
 
-    @app.get("/models/{name}/nodes", summary="List the model's graph node names in train and eval mode.")
+    @app.get("/models/{name}/nodes", responses={404: _ERROR_RESPONSES[404], 503: _ERROR_RESPONSES[503]}, summary="List the model's graph node names in train and eval mode.")
     async def get_nodes(name: str) -> Response:
         runtime = engine.get(name)
         train, eval_ = await run_in_threadpool(runtime.extractors.node_names)
         return Response(dumps({"model": name, "train": train, "eval": eval_}), media_type="application/json")
 
-    @app.get("/healthz", summary="Liveness: the process and every device worker are alive.")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], responses={503: {"description": "A device worker is dead or stalled, or start-up failed."}}, summary="Liveness: the process and every device worker are alive.")
     async def healthz() -> Response:
         unhealthy = engine.unhealthy_workers()
         if unhealthy or engine.fatal_error is not None:
@@ -205,7 +207,7 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
             return Response(dumps({"status": "unhealthy", "reason": reason}), status_code=503, media_type="application/json")
         return Response(dumps({"status": "alive", "state": engine.state}), media_type="application/json")
 
-    @app.get("/readyz", summary="Readiness: 200 only when every model is loaded and the service is not draining.")
+    @app.api_route("/readyz", methods=["GET", "HEAD"], responses={503: {"description": "Loading, draining, stopped, or start-up failed."}}, summary="Readiness: 200 only when every model is loaded and the service is not draining.")
     async def readyz() -> Response:
         status = "ready" if engine.is_ready() else "not_ready"
         if engine.is_ready() and engine.failed:
@@ -219,10 +221,26 @@ def _add_routes(app: FastAPI, engine: Engine) -> None:
             body["failed"] = engine.failed
         return Response(dumps(body), status_code=200 if engine.is_ready() else 503, media_type="application/json")
 
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics in the text exposition format.")
+    @app.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse, summary="Prometheus metrics in the text exposition format.")
     async def metrics() -> Response:
         engine.unhealthy_workers()
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+_EXTRACT_PARAMETERS = frozenset({"model", "layers", "pool", "normalize", "encoding", "dtype"})
+_EMBED_PARAMETERS = frozenset({"model", "layer", "dtype"})
+
+
+def _reject_unknown_query(request: Request, allowed: frozenset[str]) -> None:
+    """Raise 422 for a misspelled or repeated query parameter instead of ignoring it."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted(set(names) - allowed)
+    if unknown:
+        hints = [f"{show(name)} (did you mean {closest(name, allowed)[0]!r}?)" if closest(name, allowed) else show(name) for name in unknown[:5]]
+        raise InvalidParameterError(f"unknown query parameter {', '.join(hints)}; valid: {', '.join(sorted(allowed))}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidParameterError(f"query parameter {', '.join(map(show, repeated))} is given more than once; give it once (layers takes a comma-separated list)")
 
 
 def _model_status(engine: Engine, name: str) -> str:
@@ -341,7 +359,13 @@ def _read_json(body: bytes) -> list[ImageInput]:
     except orjson.JSONDecodeError as exc:
         raise BadRequestError(f"the body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
-        raise BadRequestError('the JSON body must be an object {"images": ["<base64>", ...]}')
+        if isinstance(payload, dict) and "images" in payload:
+            found = f"'images' is a JSON {type(payload['images']).__name__}"
+        elif isinstance(payload, dict):
+            found = f"it has the keys {', '.join(map(show, list(payload)[:10])) or '(none)'}"
+        else:
+            found = f"it is a JSON {type(payload).__name__}"
+        raise BadRequestError(f'the JSON body must be an object {{"images": ["<base64>", ...]}}, but {found}')
     images = []
     for index, item in enumerate(payload["images"]):
         if not isinstance(item, str):
@@ -353,6 +377,8 @@ def _read_json(body: bytes) -> list[ImageInput]:
 def _decode_base64(text: str, index: int) -> bytes:
     if text.startswith("data:"):
         _, _, text = text.partition(",")
+    # MIME base64 (the base64 tool, base64.encodebytes) wraps lines; the line breaks carry no data.
+    text = "".join(text.split())
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -56,14 +56,6 @@ class RequestTicket:
     # Set only when the client left, so a deadline or an error is not counted as a disconnect.
     client_disconnected: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
-    rejection_counted: bool = False
-
-    def first_rejection(self) -> bool:
-        """Return True once per request, so a rejection of several images counts once."""
-        if self.rejection_counted:
-            return False
-        self.rejection_counted = True
-        return True
 
 
 @dataclass(frozen=True)
@@ -154,16 +146,17 @@ class Batcher:
             if count > self.max_queue:
                 raise PayloadTooLargeError(
                     f"the request has {count} images, more than model '{self.model_name}' can ever queue "
-                    f"(max_queue={self.max_queue}); split it"
+                    f"(max_queue={self.max_queue}); split it",
+                    reason="too_many_images",
                 )
             waiting = len(self._queue) + self._reserved
             if waiting + count > self.max_queue:
-                self.metrics.rejected.labels(model=self.model_name, reason="queue_full").inc()
                 retry_after = self.estimate_retry_after_s()
                 raise OverloadedError(
                     f"model '{self.model_name}' has {waiting} images queued or decoding and takes at most {self.max_queue} "
                     f"(max_queue); {count} more do not fit. Retry after {retry_after} s",
                     headers={"Retry-After": str(retry_after)},
+                    reason="queue_full",
                 )
             self._reserved += count
 
@@ -269,13 +262,11 @@ class Batcher:
         live = []
         for item in items:
             if item.ticket.cancelled:
-                if item.ticket.client_disconnected and item.ticket.first_rejection():
-                    self.metrics.rejected.labels(model=self.model_name, reason="client_disconnected").inc()
+                # Either the client left, or the request already failed and nobody reads this.
                 item.fail(ClientDisconnectedError("the client closed the connection"))
             elif now > item.ticket.deadline:
-                if item.ticket.first_rejection():
-                    self.metrics.rejected.labels(model=self.model_name, reason="deadline").inc()
-                item.fail(DeadlineExceededError(f"the request waited {now - item.ticket.enqueued_at:.2f} s in the queue, past its deadline; retry later or raise the deadline"))
+                waited_s = now - item.ticket.enqueued_at
+                item.fail(DeadlineExceededError(f"the request waited {waited_s:.2f} s in the queue, past its deadline; retry later or raise the deadline", reason="deadline"))
             else:
                 live.append(item)
         return live
@@ -304,11 +295,15 @@ class Batcher:
             batch = torch.stack([item.image for item in items]).to(self.device, self.input_dtype, non_blocking=True)
             batch = batch.contiguous(memory_format=self.memory_format)
             outputs = self.runner(batch, layers)
-            per_item = _finish_on_device(items, outputs)
+            per_item, non_finite = _finish_on_device(items, outputs)
         forward_s = time.monotonic() - forward_started
         self._recent_forward_s = forward_s
         self._batch_count += 1
         self._record_batch(items, forward_s)
+        if non_finite:
+            # JSON has no NaN or infinity, so these become null there; the binary encodings keep them.
+            self.metrics.non_finite.labels(model=self.model_name).inc(non_finite)
+            logger.warning("model %s: a batch of %d images produced %d NaN or infinite values (float16 overflow or broken weights)", self.model_name, len(items), non_finite)
         for item, item_outputs in zip(items, per_item):
             queue_wait_s = forward_started - item.ticket.enqueued_at
             item.resolve(ItemResult(item_outputs, queue_wait_s, forward_s, len(items), self._batch_count))
@@ -321,17 +316,19 @@ class Batcher:
         logger.debug("model %s: ran a batch of %d images in %.1f ms", self.model_name, len(items), forward_s * 1000)
 
 
-def _finish_on_device(items: list[WorkItem], outputs: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+def _finish_on_device(items: list[WorkItem], outputs: dict[str, torch.Tensor]) -> tuple[list[dict[str, np.ndarray]], int]:
     """Pool, normalise and cast on the device per output spec, then copy each result once.
 
-    Returns one ``{layer: array}`` per item, in item order; the arrays are rows of
-    the per-spec host copies, not copies of their own.
+    Returns one ``{layer: array}`` per item, in item order, and the count of NaN
+    and infinite values in them. The arrays are rows of the per-spec host copies,
+    not copies of their own.
     """
     groups: dict[OutputSpec, list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(item.spec, []).append(index)
 
     per_item: list[dict[str, np.ndarray]] = [{} for _ in items]
+    non_finite = 0
     for spec, indices in groups.items():
         selector = None
         if len(indices) < len(items):
@@ -339,11 +336,12 @@ def _finish_on_device(items: list[WorkItem], outputs: dict[str, torch.Tensor]) -
         for layer in spec.layers:
             features = outputs[layer] if selector is None else outputs[layer].index_select(0, selector)
             finished = finish_features(features, spec.pool, spec.normalize, OUTPUT_DTYPES[spec.dtype])
+            non_finite += int((~torch.isfinite(finished)).sum())
             # Rows of a C-contiguous array are contiguous, so the encoders need no copy.
             host = finished.contiguous().cpu().numpy()
             for row, index in enumerate(indices):
                 per_item[index][layer] = host[row]
-    return per_item
+    return per_item, non_finite
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -58,4 +58,25 @@ def embed_safetensors(embeddings: np.ndarray, metadata: dict[str, str]) -> bytes
 
 
 def wants_safetensors(accept: str | None) -> bool:
-    return bool(accept) and SAFETENSORS_MEDIA_TYPE in accept.lower()
+    """Pick safetensors when the Accept header prefers it to JSON (by q-value, then by order)."""
+    if not accept:
+        return False
+    safetensors_rank = json_rank = None
+    for position, entry in enumerate(accept.lower().split(",")):
+        media_type, *parameters = (part.strip() for part in entry.split(";"))
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        rank = (quality, -position)
+        if media_type == SAFETENSORS_MEDIA_TYPE:
+            safetensors_rank = rank
+        elif media_type in ("application/json", "application/*", "*/*") and (json_rank is None or rank > json_rank):
+            json_rank = rank
+    if safetensors_rank is None or safetensors_rank[0] <= 0:
+        return False
+    return json_rank is None or safetensors_rank > json_rank

@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from enum import Enum
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ import torch
 
 from .batching import Batcher, ItemResult, OutputSpec, RequestTicket
 from .config import ModelConfig, ServiceConfig
-from .errors import ConfigError, DeadlineExceededError, FxServeError, InvalidParameterError, ModelNotFoundError, NotReadyError, OverloadedError, PayloadTooLargeError
+from .errors import ConfigError, WeightsUnavailableError, DeadlineExceededError, FxServeError, InvalidParameterError, ModelNotFoundError, NotReadyError, OverloadedError, PayloadTooLargeError, show
 from .extractors import ExtractorSet, LayerInfo
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, checkpoint_path_for, load_model, resolve_weights
 from .metrics import Metrics
 from .pooling import OUTPUT_DTYPES, POOL_CHOICES, pooled_shape
 from .preprocess import ImageLimits, check_resized_size, decode_image
@@ -139,7 +140,7 @@ class ModelRuntime:
             return tuple(self.default_layers)
         unknown = [name for name in requested if name not in self.layers]
         if unknown:
-            raise InvalidParameterError(f"model '{self.name}' has no layer {', '.join(map(repr, unknown))}; valid layers: {', '.join(self.layers)}")
+            raise InvalidParameterError(f"model '{self.name}' has no layer {', '.join(map(show, unknown[:5]))}; valid layers: {', '.join(self.layers)}")
         return tuple(dict.fromkeys(requested))
 
     def estimate_response_bytes(self, spec: OutputSpec, image_count: int) -> int:
@@ -250,10 +251,29 @@ class Engine:
     def _record_failure(self, name: str, exc: BaseException) -> None:
         message = exc.message if isinstance(exc, FxServeError) else f"{type(exc).__name__}: {exc}"
         self.failed[name] = message
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, WeightsUnavailableError):
+            logger.error("model %s failed to load: %s", name, message)
+            missing = self._uncached_weights(exclude=name)
+            if missing:
+                logger.error("these configured weights are not cached either: %s", ", ".join(missing))
+        elif isinstance(exc, ConfigError):
             logger.error("model %s failed to load: %s", name, message)
         else:
             logger.error("model %s failed to load", name, exc_info=exc)
+
+    def _uncached_weights(self, exclude: str) -> list[str]:
+        """List the weight files of other models that are missing from the torch hub cache."""
+        missing = []
+        for name, model_config in self.config.models.items():
+            if name == exclude or name in self.runtimes:
+                continue
+            try:
+                weights = resolve_weights(name, model_config)
+            except ConfigError:
+                continue
+            if isinstance(weights, Enum) and not checkpoint_path_for(weights).is_file():
+                missing.append(f"{checkpoint_path_for(weights)} (model {name})")
+        return missing
 
     def _set_state(self, state: str, expected: str | None = None) -> bool:
         with self._state_lock:
@@ -301,9 +321,8 @@ class Engine:
         elif not runtime.batcher.has_room:
             problem = f"model '{runtime.name}' has {runtime.batcher.waiting} images queued or decoding, its limit (max_queue={runtime.config.max_queue})"
         if problem is not None:
-            self.metrics.rejected.labels(model=runtime.name, reason="overloaded").inc()
             retry_after = runtime.batcher.estimate_retry_after_s()
-            raise OverloadedError(f"{problem}; retry after {retry_after} s", headers={"Retry-After": str(retry_after)})
+            raise OverloadedError(f"{problem}; retry after {retry_after} s", headers={"Retry-After": str(retry_after)}, reason="overloaded")
         self._in_flight += 1
         try:
             yield
@@ -325,7 +344,7 @@ class Engine:
                 raise InvalidParameterError(f"several models are configured, so the query parameter 'model' is required; valid models: {', '.join(self.config.models)}")
             name = next(iter(self.config.models))
         if name not in self.config.models:
-            raise ModelNotFoundError(f"model '{name}' is not configured; valid models: {', '.join(self.config.models)}")
+            raise ModelNotFoundError(f"model {show(name)} is not configured; valid models: {', '.join(self.config.models)}")
         if name in self.failed:
             raise NotReadyError(f"model '{name}' failed to load: {self.failed[name]}")
         runtime = self.runtimes.get(name)
@@ -337,9 +356,9 @@ class Engine:
 
     def make_spec(self, runtime: ModelRuntime, layers: list[str] | None, pool: str, normalize: bool, dtype: str) -> OutputSpec:
         if pool not in POOL_CHOICES:
-            raise InvalidParameterError(f"pool {pool!r} is not valid; valid: {', '.join(POOL_CHOICES)}")
+            raise InvalidParameterError(f"pool {show(pool)} is not valid; valid: {', '.join(POOL_CHOICES)}")
         if dtype not in OUTPUT_DTYPES:
-            raise InvalidParameterError(f"dtype {dtype!r} is not valid; valid: {', '.join(OUTPUT_DTYPES)}")
+            raise InvalidParameterError(f"dtype {show(dtype)} is not valid; valid: {', '.join(OUTPUT_DTYPES)}")
         return OutputSpec(runtime.resolve_layers(layers), pool, normalize, dtype)
 
     async def run(self, runtime: ModelRuntime, images: list[ImageInput], spec: OutputSpec, ticket: RequestTicket) -> ExtractOutcome:
@@ -361,11 +380,10 @@ class Engine:
             results: list[ItemResult] = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(remaining, 0.001))
         except TimeoutError:
             ticket.cancelled = True
-            if ticket.first_rejection():
-                self.metrics.rejected.labels(model=runtime.name, reason="deadline").inc()
             raise DeadlineExceededError(
                 f"the request did not finish within its deadline of {ticket.timeout_s:g} s; retry later, or send a larger "
-                f"X-Request-Timeout header (at most FXSERVE_REQUEST_TIMEOUT_S={self.settings.request_timeout_s:g} s)"
+                f"X-Request-Timeout header (at most FXSERVE_REQUEST_TIMEOUT_S={self.settings.request_timeout_s:g} s)",
+                reason="deadline",
             ) from None
         except BaseException:
             ticket.cancelled = True
@@ -384,15 +402,17 @@ class Engine:
         if not images:
             raise InvalidParameterError("the request has no images; send them as multipart field 'images', as JSON {\"images\": [base64, ...]}, or as a raw image/* body")
         if len(images) > self.settings.max_images_per_request:
-            self.metrics.rejected.labels(model=runtime.name, reason="too_many_images").inc()
-            raise PayloadTooLargeError(f"the request has {len(images)} images, more than the limit of {self.settings.max_images_per_request} (FXSERVE_MAX_IMAGES_PER_REQUEST); split it")
+            raise PayloadTooLargeError(
+                f"the request has {len(images)} images, more than the limit of {self.settings.max_images_per_request} (FXSERVE_MAX_IMAGES_PER_REQUEST); split it",
+                reason="too_many_images",
+            )
         estimate = runtime.estimate_response_bytes(spec, len(images))
         if estimate > self.settings.max_response_bytes:
-            self.metrics.rejected.labels(model=runtime.name, reason="too_costly").inc()
             raise PayloadTooLargeError(
-                f"the outputs would take about {estimate} bytes ({len(images)} images x layers {', '.join(spec.layers)}, pool={spec.pool}, {spec.dtype}), "
-                f"more than the limit of {self.settings.max_response_bytes} bytes (FXSERVE_MAX_RESPONSE_BYTES); "
-                "ask for fewer images or layers, pool the outputs, or use dtype=float16"
+                f"the outputs would take about {estimate} bytes as raw {spec.dtype} ({len(images)} images x layers "
+                f"{', '.join(spec.layers)}, pool={spec.pool}), more than the limit of {self.settings.max_response_bytes} bytes "
+                "(FXSERVE_MAX_RESPONSE_BYTES); ask for fewer images or layers, pool the outputs, or use dtype=float16",
+                reason="too_costly",
             )
 
     async def _decode_all(self, runtime: ModelRuntime, images: list[ImageInput]) -> list[torch.Tensor]:
@@ -403,7 +423,6 @@ class Engine:
         except FxServeError:
             for task in tasks:
                 task.cancel()
-            self.metrics.rejected.labels(model=runtime.name, reason="invalid_image").inc()
             raise
 
     def _decode_one(self, runtime: ModelRuntime, image: ImageInput, index: int) -> torch.Tensor:

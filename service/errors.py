@@ -29,6 +29,7 @@ __all__ = [
     "OutOfMemoryError",
     "ClientDisconnectedError",
     "closest",
+    "show",
 ]
 
 
@@ -38,24 +39,30 @@ class FxServeError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        # The label of fxserve_rejected_requests_total: a finer cause than ``code``.
+        self.reason = reason or self.code
 
 
 class ConfigError(FxServeError):
-    """A models.yaml entry is invalid; raised at start-up and by ``check``."""
+    """A config entry is invalid; raised at start-up and by ``check``.
+
+    The message starts with the model and the field; callers that know the file
+    put its path in front.
+    """
 
     code = "invalid_config"
 
     def __init__(self, model: str | None, field: str | None, problem: str, fix: str = "") -> None:
-        where = "models.yaml"
+        where = []
         if model is not None:
-            where += f": model '{model}'"
+            where.append(f"model '{model}'")
         if field is not None:
-            where += f", field '{field}'"
-        message = f"{where}: {problem}"
+            where.append(f"field '{field}'")
+        message = f"{', '.join(where)}: {problem}" if where else problem
         if fix:
             message += f". {fix}"
         super().__init__(message)
@@ -141,6 +148,13 @@ class ClientDisconnectedError(FxServeError):
 
     status_code = 499
     code = "client_disconnected"
+
+
+def show(value: str, limit: int = 80) -> str:
+    """Quote a client-supplied value for a message or a log line: escaped and truncated."""
+    if len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    return repr(value)
 
 
 def closest(value: str, choices: Iterable[str], limit: int = 5) -> list[str]:

@@ -7,6 +7,7 @@ that shows only the request id; the log has the traceback under the same id.
 from __future__ import annotations
 
 import logging
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,11 +17,24 @@ from starlette.responses import Response
 from .encoding import dumps
 from .errors import FxServeError
 
-__all__ = ["error_response", "install_error_handlers"]
+__all__ = ["error_response", "install_error_handlers", "model_label"]
 
 logger = logging.getLogger(__name__)
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def model_label(scope: dict, model_names: list[str]) -> str:
+    """Return the configured model a request names, or "" so metric labels stay a closed set."""
+    requested = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model", [""])[0]
+    if requested in model_names:
+        return requested
+    path_params = scope.get("path_params") or {}
+    if path_params.get("name") in model_names:
+        return path_params["name"]
+    if not requested and len(model_names) == 1 and scope["path"] in ("/extract", "/embed"):
+        return model_names[0]
+    return ""
 
 
 def error_response(status: int, code: str, message: str, request_id: str | None, headers: dict[str, str] | None = None) -> Response:
@@ -34,7 +48,11 @@ def _request_id(request: Request) -> str | None:
 
 async def _handle_domain_error(request: Request, exc: FxServeError) -> Response:
     level = logging.WARNING if exc.status_code >= 500 else logging.INFO
-    logger.log(level, "request %s rejected with %d %s: %s", _request_id(request), exc.status_code, exc.code, exc.message)
+    # The message may quote client input: %r escapes newlines so it cannot forge log lines.
+    logger.log(level, "request %s rejected with %d %s: %r", _request_id(request), exc.status_code, exc.code, exc.message[:2000])
+    engine = request.app.state.engine
+    model = model_label(request.scope, list(engine.config.models))
+    engine.metrics.rejected.labels(model=model, reason=exc.reason).inc()
     return error_response(exc.status_code, exc.code, exc.message, _request_id(request), exc.headers)
 
 

@@ -13,13 +13,12 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
-from urllib.parse import parse_qs
 
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import PayloadTooLargeError, RequestTimeoutError
-from .http_errors import error_response
+from .http_errors import error_response, model_label
 from .metrics import Metrics
 
 __all__ = ["ObservabilityMiddleware", "AuthMiddleware", "BodyLimitMiddleware", "OPEN_PATHS"]
@@ -62,20 +61,8 @@ class ObservabilityMiddleware:
         finally:
             endpoint = _route_template(scope)
             if endpoint != "/metrics":
-                self.metrics.requests.labels(endpoint=endpoint, model=self._model_label(scope), status=str(status)).inc()
+                self.metrics.requests.labels(endpoint=endpoint, model=model_label(scope, self.model_names), status=str(status)).inc()
                 self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - started)
-
-    def _model_label(self, scope: Scope) -> str:
-        requested = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model", [""])[0]
-        if requested in self.model_names:
-            return requested
-        path_params = scope.get("path_params") or {}
-        if path_params.get("name") in self.model_names:
-            return path_params["name"]
-        if not requested and len(self.model_names) == 1 and scope["path"] in ("/extract", "/embed"):
-            return self.model_names[0]
-        return ""
-
 
 def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):

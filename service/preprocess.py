@@ -140,7 +140,8 @@ def decode_image(data: bytes, index: int, filename: str | None, limits: ImageLim
     if len(data) > limits.max_bytes:
         raise PayloadTooLargeError(
             f"{label} is {len(data)} bytes, more than the limit of {limits.max_bytes} bytes "
-            "(FXSERVE_MAX_IMAGE_BYTES); downscale or recompress it"
+            "(FXSERVE_MAX_IMAGE_BYTES); downscale or recompress it",
+            reason="image_too_large",
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -165,7 +166,8 @@ def check_resized_size(image: Image.Image, preprocessor: Preprocessor, index: in
         raise PayloadTooLargeError(
             f"{describe_image(index, filename)} is {image.width}x{image.height}; resizing it gives {width}x{height} = "
             f"{width * height} pixels, more than the limit of {limits.max_resized_pixels} (FXSERVE_MAX_RESIZED_PIXELS); "
-            "crop it to a less extreme aspect ratio"
+            "crop it to a less extreme aspect ratio",
+            reason="image_too_large",
         )
 
 
@@ -173,7 +175,7 @@ def _open(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise PayloadTooLargeError(f"{label} has more pixels than the limit of {limits.max_pixels} (FXSERVE_MAX_IMAGE_PIXELS); downscale it") from None
+        raise PayloadTooLargeError(f"{label} has more pixels than the limit of {limits.max_pixels} (FXSERVE_MAX_IMAGE_PIXELS); downscale it", reason="image_too_large") from None
     except UnidentifiedImageError:
         raise InvalidImageError(f"{label} is not an image Pillow can read (the first bytes are {data[:8]!r}); send a JPEG, PNG, WebP, TIFF, GIF or BMP file") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -187,7 +189,8 @@ def _check_pixels(image: Image.Image, label: str, limits: ImageLimits) -> None:
     if width * height > limits.max_pixels:
         raise PayloadTooLargeError(
             f"{label} is {width}x{height} = {width * height} pixels, more than the limit of "
-            f"{limits.max_pixels} (FXSERVE_MAX_IMAGE_PIXELS); downscale it"
+            f"{limits.max_pixels} (FXSERVE_MAX_IMAGE_PIXELS); downscale it",
+            reason="image_too_large",
         )
 
 
