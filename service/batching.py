@@ -262,7 +262,7 @@ class Batcher:
         live = []
         for item in items:
             if item.ticket.cancelled:
-                # Either the client left, or the request already failed and nobody reads this.
+                # Either the client left, or the request already failed and its other images are not needed.
                 item.fail(ClientDisconnectedError("the client closed the connection"))
             elif now > item.ticket.deadline:
                 waited_s = now - item.ticket.enqueued_at
