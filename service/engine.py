@@ -115,6 +115,10 @@ class ModelRuntime:
             raise ConfigError(name, "layers", f"the warm-up forward pass failed: {type(exc).__name__}: {exc}") from exc
 
         runtime = cls(name, config, loaded, device, extractors, time.monotonic() - started)
+        # Tracing pauses every model's forward passes (see extractors.TRACE_LOCK), so
+        # build the extractors most requests use now rather than on their first request.
+        for layers in (runtime.default_layers, [runtime.embed_layer]):
+            extractors.extractor_for(extractors.layers[layer].node for layer in layers)
         runtime.batcher = Batcher(
             name,
             extractors.run,

@@ -13,7 +13,8 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,56 @@ from .config import TracerConfig
 from .errors import ConfigError, closest
 from .loading import import_object
 
-__all__ = ["LayerInfo", "ExtractorSet"]
+__all__ = ["LayerInfo", "ExtractorSet", "TRACE_LOCK"]
 
 logger = logging.getLogger(__name__)
+
+
+class _TraceLock:
+    """Forward passes share it; ``torch.fx`` tracing takes it alone.
+
+    While fx traces, it patches ``torch.nn.Module.__call__`` for the whole process,
+    so a forward pass of another model's GraphModule in another thread fails with
+    "module is not installed as a submodule". A waiting trace blocks new forward
+    passes, so a steady stream of them cannot starve it.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._forwards = 0
+        self._tracing = False
+        self._traces_waiting = 0
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        with self._condition:
+            while self._tracing or self._traces_waiting:
+                self._condition.wait()
+            self._forwards += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._forwards -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def trace(self) -> Iterator[None]:
+        with self._condition:
+            self._traces_waiting += 1
+            while self._tracing or self._forwards:
+                self._condition.wait()
+            self._traces_waiting -= 1
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._tracing = False
+                self._condition.notify_all()
+
+
+TRACE_LOCK = _TraceLock()
 
 
 @dataclass(frozen=True)
@@ -68,9 +116,10 @@ class ExtractorSet:
         with self._lock:
             if self._node_names is None:
                 try:
-                    self._node_names = get_graph_node_names(
-                        self.module, tracer_kwargs=self.tracer_kwargs, suppress_diff_warning=True, concrete_args=self.concrete_args
-                    )
+                    with TRACE_LOCK.trace():
+                        self._node_names = get_graph_node_names(
+                            self.module, tracer_kwargs=self.tracer_kwargs, suppress_diff_warning=True, concrete_args=self.concrete_args
+                        )
                 except Exception as exc:  # fx raises many types for untraceable code
                     raise ConfigError(
                         self.model_name, "architecture", f"torch.fx cannot trace the model: {type(exc).__name__}: {exc}",
@@ -95,13 +144,14 @@ class ExtractorSet:
         if extractor is not None:
             self._cache.move_to_end(key)
             return extractor
-        extractor = create_feature_extractor(
-            self.module,
-            return_nodes={node: node for node in sorted(key)},
-            tracer_kwargs=self.tracer_kwargs,
-            suppress_diff_warning=True,
-            concrete_args=self.concrete_args,
-        ).eval()
+        with TRACE_LOCK.trace():
+            extractor = create_feature_extractor(
+                self.module,
+                return_nodes={node: node for node in sorted(key)},
+                tracer_kwargs=self.tracer_kwargs,
+                suppress_diff_warning=True,
+                concrete_args=self.concrete_args,
+            ).eval()
         self._cache[key] = extractor
         if len(self._cache) > self.cache_size:
             evicted, _ = self._cache.popitem(last=False)
@@ -112,12 +162,16 @@ class ExtractorSet:
     def run(self, batch: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
         """Run the extractor pruned to ``layers`` (public names) and return them by name."""
         infos = [self.layers[name] for name in layers]
-        outputs = self.extractor_for(info.node for info in infos)(batch)
+        extractor = self.extractor_for(info.node for info in infos)
+        with TRACE_LOCK.forward():
+            outputs = extractor(batch)
         return {info.name: _select(outputs[info.node], info.key) for info in infos}
 
     def warm_up(self, batch: torch.Tensor) -> None:
         """Run every configured node once, record each layer's shape, expand dict outputs."""
-        outputs = self.extractor_for(self.layer_nodes.values())(batch)
+        extractor = self.extractor_for(self.layer_nodes.values())
+        with TRACE_LOCK.forward():
+            outputs = extractor(batch)
         layers: dict[str, LayerInfo] = {}
         for name, node in self.layer_nodes.items():
             for key, tensor in _entries(self.model_name, name, outputs[node]):
