@@ -200,10 +200,6 @@ class Batcher:
         busy_since = self._busy_since
         return busy_since is None or time.monotonic() - busy_since < self.stall_timeout_s
 
-    def stop_accepting(self) -> None:
-        with self._condition:
-            self._accepting = False
-
     def stop(self, timeout_s: float) -> bool:
         """Finish queued work, then end the worker; return False if it ran past ``timeout_s``."""
         with self._condition:

@@ -135,6 +135,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .engine import resolve_device
     from .extractors import ExtractorSet
     from .loading import checkpoint_path_for, load_model, resolve_weights
 
@@ -142,8 +143,11 @@ def _check(args: argparse.Namespace) -> int:
     failures = 0
     for name, model_config in config.models.items():
         try:
+            resolve_device(name, model_config.device)
             loaded = load_model(name, model_config, random_init=True)
-            ExtractorSet(name, loaded.module, model_config.layers, model_config.tracer, 1).validate_nodes()
+            extractors = ExtractorSet(name, loaded.module, model_config.layers, model_config.tracer, 1)
+            extractors.validate_nodes()
+            _warm_up_on_cpu(name, extractors, loaded.preprocessor.output_size, model_config.dtype)
             weights = resolve_weights(name, model_config)
         except ConfigError as exc:
             failures += 1
@@ -166,6 +170,19 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     logger.info("%s: all %d models are valid", config_path, len(config.models))
     return 0
+
+
+def _warm_up_on_cpu(name: str, extractors, size: tuple[int, int], dtype: str) -> None:
+    """Run one image through every configured layer, as start-up does, on the CPU."""
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    extractors.module.to(dtypes[dtype])
+    try:
+        with torch.inference_mode():
+            extractors.warm_up(torch.zeros(1, 3, *size, dtype=dtypes[dtype]))
+    except ConfigError:
+        raise
+    except Exception as exc:  # any kernel or shape error, as in ModelRuntime.load
+        raise ConfigError(name, "layers", f"the warm-up forward pass failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _nodes(args: argparse.Namespace) -> int:

@@ -288,15 +288,11 @@ class Engine:
         return True
 
     def begin_drain(self) -> None:
-        """Turn readiness off; requests are still accepted until ``stop_accepting``."""
+        """Turn readiness off; requests are still accepted until ``shutdown`` stops the batchers."""
         if self.state in ("draining", "stopped"):
             return
         self._set_state("draining")
         logger.info("draining: readiness is off")
-
-    def stop_accepting(self) -> None:
-        for runtime in self.runtimes.values():
-            runtime.batcher.stop_accepting()
 
     def shutdown(self, timeout_s: float) -> None:
         """Finish all queued work within ``timeout_s``, then stop the workers and the pool."""

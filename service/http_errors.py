@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .encoding import dumps
-from .errors import FxServeError
+from .errors import FxServeError, show
 
 __all__ = ["error_response", "install_error_handlers", "model_label"]
 
@@ -42,6 +42,11 @@ def error_response(status: int, code: str, message: str, request_id: str | None,
     return Response(dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
+def _record_reason(request: Request, reason: str) -> None:
+    """Leave the rejection reason for ObservabilityMiddleware, which counts every error response."""
+    request.scope.setdefault("state", {})["error_reason"] = reason
+
+
 def _request_id(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
@@ -50,9 +55,7 @@ async def _handle_domain_error(request: Request, exc: FxServeError) -> Response:
     level = logging.WARNING if exc.status_code >= 500 else logging.INFO
     # The message may quote client input: %r escapes newlines so it cannot forge log lines.
     logger.log(level, "request %s rejected with %d %s: %r", _request_id(request), exc.status_code, exc.code, exc.message[:2000])
-    engine = request.app.state.engine
-    model = model_label(request.scope, list(engine.config.models))
-    engine.metrics.rejected.labels(model=model, reason=exc.reason).inc()
+    _record_reason(request, exc.reason)
     return error_response(exc.status_code, exc.code, exc.message, _request_id(request), exc.headers)
 
 
@@ -60,17 +63,20 @@ async def _handle_validation_error(request: Request, exc: RequestValidationError
     problems = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error.get("loc", ()))
-        problems.append(f"{location}: {error.get('msg')} (received {error.get('input')!r})")
+        problems.append(f"{location}: {error.get('msg')} (received {show(str(error.get('input')))})")
+    _record_reason(request, "invalid_parameter")
     return error_response(422, "invalid_parameter", "; ".join(problems), _request_id(request))
 
 
 async def _handle_http_error(request: Request, exc: StarletteHTTPException) -> Response:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
+    _record_reason(request, code)
     return error_response(exc.status_code, code, str(exc.detail), _request_id(request), getattr(exc, "headers", None))
 
 
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     request_id = _request_id(request)
+    _record_reason(request, "internal_error")
     logger.error("request %s failed: %s %s", request_id, request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", f"internal server error; report request id {request_id}", request_id)
 

@@ -60,9 +60,13 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             endpoint = _route_template(scope)
+            model = model_label(scope, self.model_names)
             if endpoint != "/metrics":
-                self.metrics.requests.labels(endpoint=endpoint, model=model_label(scope, self.model_names), status=str(status)).inc()
+                self.metrics.requests.labels(endpoint=endpoint, model=model, status=str(status)).inc()
                 self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+            if status >= 400:
+                reason = state.get("error_reason") or f"http_{status}"
+                self.metrics.rejected.labels(model=model, reason=reason).inc()
 
 def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
@@ -76,7 +80,8 @@ def _route_template(scope: Scope) -> str:
     app = scope.get("app")
     for route in getattr(app, "routes", ()):
         match, _ = route.matches(scope)
-        if match == Match.FULL:
+        # PARTIAL: the path matches but not the method (a 405).
+        if match in (Match.FULL, Match.PARTIAL):
             return getattr(route, "path", "unmatched")
     return "unmatched"
 
@@ -101,6 +106,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id")
+        scope.setdefault("state", {})["error_reason"] = "unauthorized"
         message = "missing or invalid API key; send 'Authorization: Bearer <key>'"
         response = error_response(401, "unauthorized", message, request_id, {"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
@@ -137,6 +143,7 @@ class BodyLimitMiddleware:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             request_id = scope.get("state", {}).get("request_id")
+            scope.setdefault("state", {})["error_reason"] = "body_too_large"
             message = f"the request body is {declared} bytes, more than the limit of {self.max_body_bytes} (FXSERVE_MAX_BODY_BYTES); send fewer or smaller images"
             await error_response(413, "payload_too_large", message, request_id, {"Connection": "close"})(scope, receive, send)
             return

@@ -20,20 +20,26 @@ class DrainingServer(uvicorn.Server):
 
     Readiness turns off immediately. After ``shutdown_delay_s``, which gives load
     balancers time to stop sending traffic, uvicorn closes the listener and waits for
-    the requests in flight. Then the app's lifespan finishes every queued image. A second
-    signal falls back to uvicorn's own handling, which exits sooner.
+    the requests in flight. Then the app's lifespan finishes every queued image and
+    the process exits 0. A second signal skips what is left of the delay but still
+    drains. A third falls back to uvicorn's own handling: SIGINT stops without
+    waiting, and the process ends by that signal (exit status 130 or 143).
     """
 
     def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
         super().__init__(config)
         self.engine = engine
-        self._draining = False
+        self._signals = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining:
+        self._signals += 1
+        if self._signals == 2:
+            logger.info("received signal %d again: closing the listener now, still draining", sig)
+            self.stop_now()
+            return
+        if self._signals > 2:
             super().handle_exit(sig, frame)
             return
-        self._draining = True
         delay_s = self.engine.settings.shutdown_delay_s
         logger.info("received signal %d: readiness is off; the listener closes in %.1f s", sig, delay_s)
         self.engine.begin_drain()

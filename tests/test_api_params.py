@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 
 import numpy as np
 
@@ -105,3 +106,43 @@ def test_rejections_counted_by_reason(client, photos, tmp_path):
 
     assert response.status_code == 413
     assert image_too_large_count() == before + 1
+
+
+def rejected_count(client, reason: str, model: str = "") -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "fxserve_rejected_requests_total" and sample.labels == {"model": model, "reason": reason}:
+                return sample.value
+    return 0.0
+
+
+def declared_length_status(base_url: str, length: int) -> int:
+    """Send only headers that declare a huge body, on a raw socket, and return the status."""
+    host, port = base_url.removeprefix("http://").split(":")
+    request = (
+        f"POST /extract?model=resnet18 HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(request)
+        status_line = connection.recv(4096).split(b"\r\n", 1)[0]
+    return int(status_line.split()[1])
+
+
+def test_rejections_outside_handlers_counted(live_server, client, photos):
+    before_method = rejected_count(client, "method_not_allowed")
+    before_validation = rejected_count(client, "invalid_parameter", model="resnet18")
+    before_body = rejected_count(client, "body_too_large", model="resnet18")
+
+    method = client.get("/extract")
+    validation = client.post("/extract", params={"model": "resnet18", "normalize": "maybe"}, files=multipart([photos["coffee.jpg"]]))
+    body_status = declared_length_status(live_server.base_url, 10**12)
+
+    assert method.status_code == 405
+    assert validation.status_code == 422
+    assert body_status == 413
+    assert rejected_count(client, "method_not_allowed") == before_method + 1
+    assert rejected_count(client, "invalid_parameter", model="resnet18") == before_validation + 1
+    assert rejected_count(client, "body_too_large", model="resnet18") == before_body + 1

@@ -179,3 +179,15 @@ def test_nodes_submodule_of_detection_model(empty_torch_home):
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "fpn"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so device: cuda is valid here")
+def test_check_cuda_without_gpu_fails(tmp_path, empty_torch_home):
+    config = write_config(tmp_path / "models.yaml", {
+        "mobilenet": {"architecture": "mobilenet_v3_small", "weights": None, "layers": ["flatten"], "preprocess": MOBILENET_PREPROCESS, "device": "cuda"},
+    })
+
+    result = run_cli(["check", "--config", str(config)], empty_torch_home)
+
+    assert result.returncode == 1, result.stderr
+    assert "CUDA is not available" in result.stderr

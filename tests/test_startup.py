@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import threading
 import time
 
@@ -94,3 +95,20 @@ def test_disconnect_dropped_before_forward(stalled_server):
 
     assert metric_value(metrics, "fxserve_rejected_requests_total", model="faulty", reason="client_disconnected") == 1
     assert metric_value(metrics, "fxserve_images_total", model="faulty") == images_before + 1, "only the blocking image ran"
+
+
+def test_second_signal_skips_delay_and_exits_zero(tmp_path):
+    config = {"models": {"faulty": faulty_config()}}
+    server = ServerProcess(config, tmp_path, env={"FXSERVE_SHUTDOWN_DELAY_S": "30"}, name="twice").start().wait_ready()
+    try:
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = server.wait_exit(timeout_s=25)
+        waited_s = time.monotonic() - started
+    finally:
+        server.stop()
+
+    assert code == 0, server.log()[-2000:]
+    assert waited_s < 20, "the second signal must not wait out the 30 s delay"
