@@ -191,3 +191,16 @@ def test_check_cuda_without_gpu_fails(tmp_path, empty_torch_home):
 
     assert result.returncode == 1, result.stderr
     assert "CUDA is not available" in result.stderr
+
+
+def test_bind_socket_lets_asyncio_disable_nagle():
+    # asyncio sets TCP_NODELAY on accepted connections only when the listening
+    # socket's proto is IPPROTO_TCP; without it each response waits ~40 ms for an ACK.
+    from service.cli import _bind
+
+    listener = _bind("127.0.0.1", 0)
+    try:
+        assert listener.proto == socket.IPPROTO_TCP
+        assert listener.getsockname()[0] == "127.0.0.1"
+    finally:
+        listener.close()
