@@ -209,7 +209,7 @@ def measure_encodings(server: ServerProcess, model: str, photos: list[bytes], re
 
 
 def measure_raw(model_name: str, photos: list[bytes], batch_size: int, duration_s: float, torch_threads: int) -> dict:
-    """The same extractor in this process: decode, preprocess and forward, no HTTP."""
+    """Measure the same extractor in this process: decode, preprocess and forward, no HTTP."""
     from torchvision import transforms as T
     from torchvision.models import get_model
     from torchvision.models.feature_extraction import create_feature_extractor

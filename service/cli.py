@@ -123,7 +123,7 @@ def _load_config(args: argparse.Namespace) -> tuple[Path, ServiceConfig]:
 def _bind(host: str, port: int) -> socket.socket:
     """Open the listening socket before any model loads, so a busy port fails at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then,
+    # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then,
     # and without it Nagle's algorithm adds about 40 ms to every response.
     listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -3,7 +3,7 @@
 Thread model: the event loop parses requests and awaits futures. The decode pool
 decodes and preprocesses images. One worker thread per model owns its device and
 runs the forward passes (``batching.Batcher``). Start-up (``load_all``) runs in a
-thread of its own so ``/healthz`` answers while models load.
+thread of its own so ``/healthz`` responds while models load.
 """
 
 from __future__ import annotations

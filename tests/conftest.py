@@ -49,7 +49,7 @@ def photos(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def torch_home(tmp_path_factory) -> Path:
-    """A TORCH_HOME whose cache holds a resnet18 state dict under the IMAGENET1K_V1 file name.
+    """A TORCH_HOME whose cache contains a resnet18 state dict under the IMAGENET1K_V1 file name.
 
     The weights are random (seeded) because none can be downloaded here; the
     service loads them through the real weights-enum path.
@@ -165,7 +165,7 @@ def reference_mobilenet() -> torch.nn.Module:
 
 
 def as_array(encoded: dict) -> np.ndarray:
-    """Turn one ``{"shape", "dtype", "data"}`` entry of a JSON answer back into an array."""
+    """Turn one ``{"shape", "dtype", "data"}`` entry of a JSON response back into an array."""
     if encoded.get("encoding") == "base64":
         import base64
 

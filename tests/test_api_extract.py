@@ -84,7 +84,7 @@ def test_extract_checkpoint_model_with_mapping_preprocess(client, photos, refere
         assert_same(as_array(result["flatten"]), expected["flatten"][index].numpy())
 
 
-def test_extract_fpn_dict_output_is_one_layer_per_entry(client, photos):
+def test_extract_fpn_entries_as_layers(client, photos):
     paths = [photos["rocket.jpg"]]
     response = client.post("/extract", params={"model": "fpn"}, files=multipart(paths))
 

@@ -1,9 +1,9 @@
 """Run the container image's own commands outside Docker.
 
 There is no Docker engine here, so the Dockerfile's ENV, CMD and HEALTHCHECK are
-read from the file and run as the container would run them, except that the
-config is the offline example (no weights to download), the server listens on
-127.0.0.1 and the port is a free one.
+read from the file and run as the container would run them. Three things differ:
+the config is the offline example (no weights to download), the server listens on
+127.0.0.1, and the port is a free one.
 """
 
 from __future__ import annotations
