@@ -1,9 +1,9 @@
 """Benchmark fxserve against the raw extractor and a hand-written FastAPI baseline.
 
-One command starts the service on 127.0.0.1, drives it with N concurrent clients
-posting real JPEGs for a fixed time, then measures, in the same run, the raw
-in-process extractor, a naive FastAPI server, pruning (layer1 vs layer4) and the
-response encodings. It prints a table and ends with one JSON line of the figures.
+One command starts the service on 127.0.0.1 and drives it with N concurrent
+clients posting real JPEGs for a fixed time. In the same run it then measures the
+raw in-process extractor, a naive FastAPI server, pruning (layer1 vs layer4) and
+the response encodings. It prints a table and ends with one JSON line of the figures.
 
     python -m bench.run                 # resnet50, 16 clients, 30 s per phase
     python -m bench.run --quick         # resnet18, 16 clients, 10 s per phase

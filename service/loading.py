@@ -248,9 +248,9 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor], module: nn.Module) -> d
 def _preview(keys: list[str], limit: int = 8) -> str:
     if not keys:
         return "[]"
-    shown = ", ".join(keys[:limit])
+    listed = ", ".join(keys[:limit])
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"[{shown}{more}]"
+    return f"[{listed}{more}]"
 
 
 def _select_submodule(name: str, module: nn.Module, path: str) -> nn.Module:

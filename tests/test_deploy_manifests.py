@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from .kustomize import K8S_DIR, OVERLAYS, REPO_ROOT, render, render_overlays, venv_tool
+from .deployfiles import DOCKERFILE, K8S_DIR, OVERLAYS, REPO_ROOT, dockerfile_instructions, render, render_overlays, venv_tool
 
-DOCKERFILE = REPO_ROOT / "Dockerfile"
 RULES_FILE = K8S_DIR / "monitoring" / "fxserve.rules.yaml"
 PROMETHEUS_RULE = K8S_DIR / "monitoring" / "prometheusrule.yaml"
 RULES_TEST = K8S_DIR / "monitoring" / "tests" / "rules_test.yaml"
@@ -91,24 +90,6 @@ def prestop_sleep_seconds(container: dict[str, Any]) -> float:
     assert command[0] in {"sleep", "/bin/sleep"}, f"preStop is not a plain sleep: {command}"
     assert len(command) == 2, f"preStop sleep takes exactly one argument: {command}"
     return float(command[1])
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """Parse the Dockerfile into (INSTRUCTION, arguments), joining continued lines."""
-    instructions: list[tuple[str, str]] = []
-    pending = ""
-    for raw_line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
-        line = raw_line.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        keyword, _, arguments = line.partition(" ")
-        instructions.append((keyword.upper(), arguments.strip()))
-    return instructions
 
 
 def final_stage_instructions() -> list[tuple[str, str]]:

@@ -21,9 +21,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .kustomize import K8S_DIR, REPO_ROOT, render_overlays
+from .deployfiles import K8S_DIR, REPO_ROOT, dockerfile_instructions, render_overlays
 
-DOCKERFILE = REPO_ROOT / "Dockerfile"
 RULES_FILE = K8S_DIR / "monitoring" / "fxserve.rules.yaml"
 ADAPTER_VALUES = K8S_DIR / "examples" / "prometheus-adapter-values.yaml"
 
@@ -56,19 +55,8 @@ def fxserve_containers(rendered: dict[str, list[dict[str, Any]]]) -> list[dict[s
 
 
 def dockerfile_lines() -> list[str]:
-    """Return the Dockerfile's instructions with continued lines joined."""
-    lines: list[str] = []
-    pending = ""
-    for raw_line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
-        line = raw_line.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        lines.append(pending + line)
-        pending = ""
-    return lines
+    """Return the Dockerfile's instructions as single lines, continued lines joined."""
+    return [f"{keyword} {arguments}" for keyword, arguments in dockerfile_instructions()]
 
 
 def dockerfile_cmd() -> list[str]:

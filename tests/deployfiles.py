@@ -1,4 +1,4 @@
-"""Render the Kustomize overlays under k8s/ for the deployment tests."""
+"""Read the deployment files for the deployment tests: Kustomize overlays and the Dockerfile."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO_ROOT / "k8s"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
 OVERLAYS = ("gpu", "cpu", "gpu-keda")
 
 
@@ -49,3 +50,21 @@ def render(path: Path) -> list[dict[str, Any]]:
 
 def render_overlays() -> dict[str, list[dict[str, Any]]]:
     return {overlay: render(K8S_DIR / "overlays" / overlay) for overlay in OVERLAYS}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """Parse the Dockerfile into (INSTRUCTION, arguments), joining continued lines."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw_line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw_line.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, arguments = line.partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
