@@ -12,6 +12,7 @@ import base64
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -238,7 +239,7 @@ def _reject_unknown_query(request: Request, allowed: frozenset[str]) -> None:
     if unknown:
         hints = [f"{show(name)} (did you mean {closest(name, allowed)[0]!r}?)" if closest(name, allowed) else show(name) for name in unknown[:5]]
         raise InvalidParameterError(f"unknown query parameter {', '.join(hints)}; valid: {', '.join(sorted(allowed))}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         raise InvalidParameterError(f"query parameter {', '.join(map(show, repeated))} is given more than once; give it once (layers takes a comma-separated list)")
 
